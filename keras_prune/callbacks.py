@@ -1,0 +1,224 @@
+"""`IterativePruningCallback`: prune, retrain, prune more, during `fit`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_prune.layers import MaskedDense, masked_layers
+from keras_prune.masks import magnitude_mask, validate_sparsity
+from keras_prune.schedules import (
+    SCHEDULES,
+    PruningSchedule,
+    validate_end,
+    validate_step,
+)
+
+
+class IterativePruningCallback(keras.callbacks.Callback):
+    """Raises each `MaskedDense` layer's magnitude threshold between epochs.
+
+    Before every epoch the callback asks its schedule for the sparsity that
+    epoch should train at; where that exceeds a layer's current sparsity, it
+    prunes the layer's smallest live weights (ranking only weights still
+    alive, so a pruned weight never comes back) and the epoch retrains the
+    survivors. With the default `end_epoch`, the last cut happens before the
+    last epoch, which therefore retrains at `final_sparsity`.
+
+    After every epoch, each layer's sparsity is added to `logs` as
+    `"sparsity/<layer name>"`, so it shows in the progress bar and `History`.
+
+    Args:
+        final_sparsity: Fraction of each layer's kernel pruned by the end of
+            `fit`, in [0, 1). Required with a named schedule; leave it `None`
+            with a `PruningSchedule` object, which carries its own.
+        schedule: `"polynomial"` (Zhu & Gupta's cubic ramp), `"geometric"`
+            (keep `factor` of the live weights at each cut, as Han et al.
+            and the seed report), `"constant"` (one cut at `begin_epoch`),
+            or a `PruningSchedule` object mapping an epoch to a sparsity.
+            Defaults to `"polynomial"`.
+        begin_epoch: The first epoch that trains pruned; the first cut
+            happens just before it. Defaults to `0`, right for a model that
+            is already trained; use 1 or more to train dense first.
+        end_epoch: The epoch before which the last cut happens, or `None`
+            for the last epoch of `fit`. Defaults to `None`.
+        frequency: Epochs between cuts. Defaults to `1`.
+        factor: Kept fraction per cut of the `"geometric"` schedule.
+            Defaults to `0.7`.
+
+    Raises:
+        ValueError: On a bad argument, here; or at the start of `fit` if the
+            model has no `MaskedDense` layer.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), MaskedDense(4)])
+    >>> model.compile("adam", "mse")
+    >>> history = model.fit(np.ones((16, 8)), np.ones((16, 4)), epochs=3,
+    ...     verbose=0, callbacks=[IterativePruningCallback(final_sparsity=0.5)])
+    >>> model.layers[0].sparsity
+    0.5
+
+    Reference:
+        Han et al. 2015, arXiv:1506.02626; Zhu & Gupta 2017, arXiv:1710.01878.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float | None = None,
+        schedule: str | PruningSchedule = "polynomial",
+        begin_epoch: int = 0,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        factor: float = 0.7,
+    ):
+        super().__init__()
+        begin_epoch = validate_step(begin_epoch, "begin_epoch")
+        if end_epoch is not None:
+            end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
+        frequency = validate_step(frequency, "frequency", minimum=1)
+        if isinstance(schedule, PruningSchedule):
+            if final_sparsity is not None:
+                raise ValueError(
+                    "Pass `final_sparsity` to the schedule object, not to the "
+                    f"callback. Received: final_sparsity={final_sparsity!r} with "
+                    f"schedule={schedule!r}"
+                )
+        elif schedule not in SCHEDULES:
+            raise ValueError(
+                f"Expected `schedule` to be one of {sorted(SCHEDULES)} or a "
+                f"PruningSchedule object. Received: schedule={schedule!r}"
+            )
+        else:
+            if final_sparsity is None:
+                raise ValueError(
+                    "Expected `final_sparsity` in [0, 1). Received: "
+                    "final_sparsity=None"
+                )
+            final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
+            # Build once with a provisional end so every argument is checked
+            # now, before `fit`; the real end is known in `on_train_begin`.
+            self._make_schedule(
+                schedule, final_sparsity, begin_epoch, end_epoch, frequency, factor
+            )
+        self.final_sparsity = final_sparsity
+        self.schedule = schedule
+        self.begin_epoch = begin_epoch
+        self.end_epoch = end_epoch
+        self.frequency = frequency
+        self.factor = factor
+        self.active_schedule: PruningSchedule | None = None
+
+    @staticmethod
+    def _make_schedule(
+        name: str,
+        final_sparsity: float,
+        begin_epoch: int,
+        end_epoch: int | None,
+        frequency: int,
+        factor: float,
+    ) -> PruningSchedule:
+        if end_epoch is None:
+            end_epoch = begin_epoch
+        if name == "polynomial":
+            return SCHEDULES[name](
+                final_sparsity, begin_epoch, end_epoch, frequency=frequency
+            )
+        if name == "geometric":
+            return SCHEDULES[name](
+                final_sparsity, begin_epoch, end_epoch, factor=factor,
+                frequency=frequency,
+            )
+        if frequency != 1 or factor != 0.7:
+            raise ValueError(
+                "The 'constant' schedule cuts once: it takes no `frequency` or "
+                f"`factor`. Received: frequency={frequency!r}, factor={factor!r}"
+            )
+        return SCHEDULES[name](final_sparsity, begin_epoch)
+
+    def _resolve_schedule(self, epochs: int) -> PruningSchedule:
+        if isinstance(self.schedule, PruningSchedule):
+            return self.schedule
+        end_epoch = self.end_epoch
+        if end_epoch is None:
+            end_epoch = max(self.begin_epoch, epochs - 1)
+        if end_epoch > epochs - 1:
+            warnings.warn(
+                f"`end_epoch`={end_epoch} is past the last epoch of this fit "
+                f"({epochs - 1}): layers will not reach final_sparsity="
+                f"{self.final_sparsity} in it.",
+                stacklevel=2,
+            )
+        return self._make_schedule(
+            self.schedule,
+            self.final_sparsity,
+            self.begin_epoch,
+            end_epoch,
+            self.frequency,
+            self.factor,
+        )
+
+    @property
+    def layers(self) -> list[MaskedDense]:
+        """The `MaskedDense` layers of the model being trained."""
+        return masked_layers(self.model)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.layers:
+            raise ValueError(
+                "IterativePruningCallback found no MaskedDense layer to prune in "
+                f"model {self.model.name!r}. Build the model with "
+                "keras_prune.MaskedDense or convert it with "
+                "keras_prune.make_prunable(model)."
+            )
+        epochs = (self.params or {}).get("epochs") or 1
+        self.active_schedule = self._resolve_schedule(epochs)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        target = self.active_schedule(epoch)
+        for layer in self.layers:
+            self.prune_layer(layer, target)
+
+    @staticmethod
+    def prune_layer(layer: MaskedDense, sparsity: float) -> None:
+        """Prunes `layer` to `sparsity` if it is below it; never un-prunes.
+
+        Example:
+
+        >>> layer = MaskedDense(2)
+        >>> _ = layer(np.ones((1, 50)))
+        >>> IterativePruningCallback.prune_layer(layer, 0.5)
+        >>> layer.sparsity
+        0.5
+        """
+        current = layer.sparsity
+        size = math.prod(layer.mask.shape)
+        if round(sparsity * size) <= round(current * size):
+            return
+        layer.prune_to(
+            magnitude_mask(
+                ops.convert_to_numpy(layer.kernel),
+                ops.convert_to_numpy(layer.mask),
+                sparsity,
+            )
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None:
+            return
+        for layer in self.layers:
+            logs[f"sparsity/{layer.name}"] = layer.sparsity
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "final_sparsity": self.final_sparsity,
+            "schedule": self.schedule,
+            "begin_epoch": self.begin_epoch,
+            "end_epoch": self.end_epoch,
+            "frequency": self.frequency,
+            "factor": self.factor,
+        }

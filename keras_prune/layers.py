@@ -1,0 +1,391 @@
+"""Keras layers: `MaskedDense` for training with pruning, `SparseDense` for
+inference with only the surviving weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import activations, constraints, initializers, ops, regularizers
+
+from keras_prune import sparse_ops
+from keras_prune.masks import sparsity_of
+
+
+def _validate_units(units: Any) -> int:
+    if isinstance(units, bool) or not isinstance(units, int) or units <= 0:
+        raise ValueError(
+            f"Expected `units` to be a positive integer. Received: units={units!r}"
+        )
+    return units
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class MaskedDense(keras.layers.Layer):
+    """A `Dense` layer whose kernel is multiplied by a fixed 0/1 mask.
+
+    The layer computes `activation(inputs @ (kernel * mask) + bias)`, for
+    inputs of any rank >= 2, exactly like `keras.layers.Dense`. The `mask`
+    weight has the kernel's shape, is not trainable and starts at ones; a
+    pruning callback such as `IterativePruningCallback` sets some of it to 0.
+
+    A pruned weight gets zero gradient and stays exactly zero in the raw
+    kernel: after every optimizer step the kernel is multiplied by the mask
+    again (through the kernel's constraint), so neither momentum (Adam) nor
+    weight decay (AdamW) can revive it.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        activation: Activation function, or `None` for linear. Defaults to
+            `None`.
+        use_bias: Whether the layer adds a bias vector. Defaults to `True`.
+        kernel_initializer: Initializer of the kernel. Defaults to
+            `"glorot_uniform"`.
+        bias_initializer: Initializer of the bias. Defaults to `"zeros"`.
+        kernel_regularizer: Regularizer applied to the kernel. Defaults to
+            `None`.
+        bias_regularizer: Regularizer applied to the bias. Defaults to `None`.
+        activity_regularizer: Regularizer applied to the output. Defaults to
+            `None`.
+        kernel_constraint: Constraint applied to the kernel before the mask.
+            Defaults to `None`.
+        bias_constraint: Constraint applied to the bias. Defaults to `None`.
+        **kwargs: Base layer arguments, such as `name` and `dtype`.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., input_dim)`.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> layer = MaskedDense(2)
+    >>> y = layer(np.ones((1, 3)))
+    >>> layer.mask.assign([[1, 0], [1, 0], [1, 0]])
+    >>> layer.sparsity
+    0.5
+
+    Reference:
+        Han et al. 2015, "Learning both Weights and Connections for Efficient
+        Neural Networks", arXiv:1506.02626.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        **kwargs: Any,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.units = _validate_units(units)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    def build(self, input_shape: tuple) -> None:
+        kernel_shape = (input_shape[-1], self.units)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=kernel_shape,
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self._constrain_kernel,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.units,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+            if self.use_bias
+            else None
+        )
+        self.mask = self.add_weight(
+            name="mask", shape=kernel_shape, initializer="ones", trainable=False
+        )
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={-1: input_shape[-1]}
+        )
+
+    def _constrain_kernel(self, kernel: Any) -> Any:
+        if self.kernel_constraint is not None:
+            kernel = self.kernel_constraint(kernel)
+        return kernel * ops.cast(self.mask, kernel.dtype)
+
+    @property
+    def masked_kernel(self) -> Any:
+        """The kernel with pruned weights zeroed: `kernel * mask`."""
+        return self.kernel * self.mask
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the kernel's weights that the mask prunes."""
+        return sparsity_of(ops.convert_to_numpy(self.mask))
+
+    def prune_to(self, mask: np.ndarray) -> None:
+        """Replaces the mask and zeroes the pruned weights of the kernel.
+
+        Args:
+            mask: A 0/1 array of the kernel's shape.
+
+        Example:
+
+        >>> layer = MaskedDense(1)
+        >>> _ = layer(np.ones((1, 2)))
+        >>> layer.prune_to(np.array([[1.0], [0.0]]))
+        >>> float(layer.kernel[1, 0])
+        0.0
+        """
+        mask = np.asarray(mask)
+        if mask.shape != tuple(self.mask.shape):
+            raise ValueError(
+                f"Expected `mask` of shape {tuple(self.mask.shape)}. "
+                f"Received: mask.shape={mask.shape}"
+            )
+        self.mask.assign(mask.astype(self.mask.dtype))
+        self.kernel.assign(self.kernel * self.mask)
+
+    def call(self, inputs: Any) -> Any:
+        outputs = ops.matmul(inputs, self.kernel * self.mask)
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class SparseDense(keras.layers.Layer):
+    """A `Dense` layer that stores and multiplies only its nonzero weights.
+
+    The kernel is held in compressed sparse row form over the output units:
+    `values` (the nonzeros, float), `indices` (their input feature, int32)
+    and `row_splits` (where each unit's nonzeros start, int32); no dense copy
+    exists. The layer computes `activation(inputs @ kernel + bias)` with
+    TensorFlow's sparse kernels, for inputs of any rank >= 2. It is usually
+    made by `export_sparse`, or from a dense kernel with `from_kernel`.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        nnz: Number of nonzero kernel weights. Defaults to `0`.
+        activation: Activation function, or `None` for linear. Defaults to
+            `None`.
+        use_bias: Whether the layer adds a bias vector. Defaults to `True`.
+        **kwargs: Base layer arguments, such as `name` and `dtype`.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., input_dim)`.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> layer = SparseDense.from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
+    >>> layer(np.array([[1.0, 1.0]])).numpy()
+    array([[3., 2.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        units: int,
+        nnz: int = 0,
+        activation: Any = None,
+        use_bias: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.units = _validate_units(units)
+        if isinstance(nnz, bool) or not isinstance(nnz, int) or nnz < 0:
+            raise ValueError(
+                f"Expected `nnz` to be an integer >= 0. Received: nnz={nnz!r}"
+            )
+        self.nnz = nnz
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self.supports_masking = True
+
+    @classmethod
+    def from_kernel(
+        cls,
+        kernel: np.ndarray,
+        bias: np.ndarray | None = None,
+        activation: Any = None,
+        **kwargs: Any,
+    ) -> SparseDense:
+        """Builds a `SparseDense` that holds the nonzeros of `kernel`.
+
+        Args:
+            kernel: A 2-D array of shape `(input_dim, units)`.
+            bias: A 1-D array of shape `(units,)`, or `None` for no bias.
+                Defaults to `None`.
+            activation: Activation function. Defaults to `None`.
+            **kwargs: Base layer arguments, such as `name`.
+
+        Returns:
+            A built `SparseDense` layer.
+
+        Example:
+
+        >>> layer = SparseDense.from_kernel(np.eye(3), bias=np.ones(3))
+        >>> layer.nnz
+        3
+        """
+        kernel = np.asarray(kernel)
+        if kernel.ndim != 2:
+            raise ValueError(
+                "Expected `kernel` to be 2-D (input_dim, units). "
+                f"Received: kernel.shape={kernel.shape}"
+            )
+        values, indices, row_splits = sparse_ops.csr_from_kernel(kernel)
+        layer = cls(
+            units=kernel.shape[1],
+            nnz=int(values.size),
+            activation=activation,
+            use_bias=bias is not None,
+            **kwargs,
+        )
+        layer.build((None, kernel.shape[0]))
+        layer.set_sparse_kernel(values, indices, row_splits)
+        if bias is not None:
+            layer.bias.assign(np.asarray(bias))
+        return layer
+
+    def build(self, input_shape: tuple) -> None:
+        self.input_dim = int(input_shape[-1])
+        self.values = self.add_weight(
+            name="values", shape=(self.nnz,), initializer="zeros"
+        )
+        self.indices = self.add_weight(
+            name="indices",
+            shape=(self.nnz,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.row_splits = self.add_weight(
+            name="row_splits",
+            shape=(self.units + 1,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+        )
+        self.bias = (
+            self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+            if self.use_bias
+            else None
+        )
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={-1: self.input_dim}
+        )
+
+    def set_sparse_kernel(
+        self, values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray
+    ) -> None:
+        """Assigns a kernel given in the layer's CSR layout (see the class)."""
+        self.values.assign(values)
+        self.indices.assign(indices)
+        self.row_splits.assign(row_splits)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the (virtual) dense kernel that is zero."""
+        return 1.0 - self.nnz / (self.input_dim * self.units)
+
+    def dense_kernel(self) -> np.ndarray:
+        """Returns the kernel as a dense numpy array `(input_dim, units)`."""
+        return sparse_ops.kernel_from_csr(
+            ops.convert_to_numpy(self.values),
+            ops.convert_to_numpy(self.indices),
+            ops.convert_to_numpy(self.row_splits),
+            self.input_dim,
+        )
+
+    def call(self, inputs: Any) -> Any:
+        outputs = sparse_ops.sparse_matmul(
+            inputs, self.values, self.indices, self.row_splits, self.input_dim
+        )
+        if self.bias is not None:
+            outputs = ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "nnz": self.nnz,
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+        }
+
+
+def walk_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Returns the layers of `model` in order, descending into nested models.
+
+    Example:
+
+    >>> inner = keras.Sequential([keras.Input((3,)), MaskedDense(2)])
+    >>> outer = keras.Sequential([keras.Input((3,)), inner])
+    >>> len(walk_layers(outer))
+    2
+    """
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(walk_layers(layer))
+    return found
+
+
+def masked_layers(model: keras.Model) -> list[MaskedDense]:
+    """Returns every `MaskedDense` in `model`, nested models included.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), MaskedDense(2, name="fc")])
+    >>> [layer.name for layer in masked_layers(model)]
+    ['fc']
+    """
+    return [layer for layer in walk_layers(model) if isinstance(layer, MaskedDense)]

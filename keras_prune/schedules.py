@@ -1,0 +1,260 @@
+"""Pruning schedules: pure maps from an epoch number to a target sparsity.
+
+A schedule answers one question: "what fraction of this layer's weights
+should be zero while epoch `step` trains?". It is piecewise constant: the
+value changes only at the steps where the callback cuts. Schedules hold no
+tensors and no state, so they are trivial to test and to serialize.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+
+from keras_prune.masks import validate_sparsity
+
+
+def validate_step(value: Any, name: str, minimum: int = 0) -> int:
+    """Checks that `value` is an integer >= `minimum` and returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"Expected `{name}` to be an integer >= {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def validate_end(begin_step: int, end_step: Any, name: str = "end_step") -> int:
+    """Checks that `end_step` is an integer >= `begin_step` and returns it."""
+    end_step = validate_step(end_step, name)
+    if end_step < begin_step:
+        raise ValueError(
+            f"Expected `{name}` >= {begin_step}, the first pruning step. "
+            f"Received: {name}={end_step}"
+        )
+    return end_step
+
+
+class PruningSchedule:
+    """Base class of pruning schedules.
+
+    Subclasses implement `__call__(step) -> float`, the target sparsity (the
+    fraction of zero weights) that a layer should have while epoch `step`
+    trains, and `get_config()`. The value must never decrease with `step`;
+    the callback only ever prunes more, never less.
+
+    Example:
+
+    >>> class Halfway(PruningSchedule):
+    ...     def __call__(self, step):
+    ...         return 0.5 if step >= 2 else 0.0
+    ...     def get_config(self):
+    ...         return {}
+    >>> Halfway()(3)
+    0.5
+    """
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `__call__(step)`."
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `get_config()`."
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PruningSchedule:
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class PolynomialSchedule(PruningSchedule):
+    """Sparsity that ramps up along a polynomial, fast at first, then slowly.
+
+    Cuts happen at `begin_step`, every `frequency` steps after it, and at
+    `end_step`. With `n` cuts in all, cut `k` (counting from 1) targets
+    `final + (initial - final) * (1 - k / n) ** power`, so the last cut lands
+    exactly on `final_sparsity`. Before `begin_step` the target is 0.
+
+    Args:
+        final_sparsity: Sparsity reached at `end_step`, in [0, 1).
+        begin_step: Step of the first cut. Defaults to `0`.
+        end_step: Step of the last cut. Defaults to `10`.
+        initial_sparsity: Sparsity the ramp starts from, in [0, 1).
+            Defaults to `0.0`.
+        power: Exponent of the ramp; 3 is the cubic of Zhu & Gupta.
+            Defaults to `3`.
+        frequency: Steps between cuts. Defaults to `1`.
+
+    Example:
+
+    >>> schedule = PolynomialSchedule(0.875, begin_step=0, end_step=1)
+    >>> [schedule(step) for step in range(3)]
+    [0.765625, 0.875, 0.875]
+
+    Reference:
+        Zhu & Gupta 2017, "To prune, or not to prune", arXiv:1710.01878.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float,
+        begin_step: int = 0,
+        end_step: int = 10,
+        initial_sparsity: float = 0.0,
+        power: float = 3,
+        frequency: int = 1,
+    ):
+        self.final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
+        self.initial_sparsity = validate_sparsity(
+            initial_sparsity, "initial_sparsity"
+        )
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                "Expected `initial_sparsity` <= `final_sparsity` "
+                f"({self.final_sparsity}). "
+                f"Received: initial_sparsity={initial_sparsity!r}"
+            )
+        self.begin_step = validate_step(begin_step, "begin_step")
+        self.end_step = validate_end(self.begin_step, end_step)
+        if not (isinstance(power, (int, float)) and power > 0):
+            raise ValueError(
+                f"Expected `power` > 0. Received: power={power!r}"
+            )
+        self.power = power
+        self.frequency = validate_step(frequency, "frequency", minimum=1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.begin_step:
+            return 0.0
+        if step >= self.end_step:
+            return self.final_sparsity
+        cuts = math.ceil((self.end_step - self.begin_step) / self.frequency) + 1
+        done = (step - self.begin_step) // self.frequency + 1
+        remaining = (1.0 - done / cuts) ** self.power
+        return self.final_sparsity + (
+            self.initial_sparsity - self.final_sparsity
+        ) * remaining
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "final_sparsity": self.final_sparsity,
+            "begin_step": self.begin_step,
+            "end_step": self.end_step,
+            "initial_sparsity": self.initial_sparsity,
+            "power": self.power,
+            "frequency": self.frequency,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class GeometricSchedule(PruningSchedule):
+    """The kept fraction shrinks by a constant factor at every cut.
+
+    This is the schedule of the seed report and of Han et al.: after cut `k`
+    (counting from 1) a fraction `factor ** k` of the weights is kept, until
+    that would fall below `1 - final_sparsity`. At `end_step`, if given, the
+    target jumps to `final_sparsity` whatever the count of cuts so far.
+
+    Args:
+        final_sparsity: The sparsity the cuts stop at, in [0, 1).
+        begin_step: Step of the first cut. Defaults to `0`.
+        end_step: Step by which `final_sparsity` is reached, or `None` to
+            stop only when the factor gets there. Defaults to `None`.
+        factor: Fraction of the live weights each cut keeps, in (0, 1).
+            Defaults to `0.7`.
+        frequency: Steps between cuts. Defaults to `1`.
+
+    Example:
+
+    >>> schedule = GeometricSchedule(0.9, factor=0.5)
+    >>> [schedule(step) for step in range(5)]
+    [0.5, 0.75, 0.875, 0.9, 0.9]
+
+    Reference:
+        Han et al. 2015, arXiv:1506.02626.
+    """
+
+    def __init__(
+        self,
+        final_sparsity: float,
+        begin_step: int = 0,
+        end_step: int | None = None,
+        factor: float = 0.7,
+        frequency: int = 1,
+    ):
+        self.final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
+        self.begin_step = validate_step(begin_step, "begin_step")
+        self.end_step = (
+            None if end_step is None else validate_end(self.begin_step, end_step)
+        )
+        if not (isinstance(factor, (int, float)) and 0.0 < factor < 1.0):
+            raise ValueError(
+                f"Expected `factor` in (0, 1). Received: factor={factor!r}"
+            )
+        self.factor = float(factor)
+        self.frequency = validate_step(frequency, "frequency", minimum=1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.begin_step:
+            return 0.0
+        if self.end_step is not None and step >= self.end_step:
+            return self.final_sparsity
+        cuts = (step - self.begin_step) // self.frequency + 1
+        return min(1.0 - self.factor**cuts, self.final_sparsity)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "final_sparsity": self.final_sparsity,
+            "begin_step": self.begin_step,
+            "end_step": self.end_step,
+            "factor": self.factor,
+            "frequency": self.frequency,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class ConstantSchedule(PruningSchedule):
+    """One cut to `final_sparsity` at `begin_step`, then retraining only.
+
+    Args:
+        final_sparsity: The sparsity from `begin_step` on, in [0, 1).
+        begin_step: Step of the cut. Defaults to `0`.
+
+    Example:
+
+    >>> schedule = ConstantSchedule(0.8, begin_step=1)
+    >>> [schedule(step) for step in range(3)]
+    [0.0, 0.8, 0.8]
+    """
+
+    def __init__(self, final_sparsity: float, begin_step: int = 0):
+        self.final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
+        self.begin_step = validate_step(begin_step, "begin_step")
+
+    def __call__(self, step: int) -> float:
+        return self.final_sparsity if step >= self.begin_step else 0.0
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "final_sparsity": self.final_sparsity,
+            "begin_step": self.begin_step,
+        }
+
+
+SCHEDULES = {
+    "polynomial": PolynomialSchedule,
+    "geometric": GeometricSchedule,
+    "constant": ConstantSchedule,
+}
