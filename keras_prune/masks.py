@@ -58,7 +58,7 @@ def sparsity_of(mask: np.ndarray) -> float:
     mask = np.asarray(mask)
     if mask.size == 0:
         return 0.0
-    return 1.0 - np.count_nonzero(mask) / mask.size
+    return 1.0 - int(np.count_nonzero(mask)) / mask.size
 
 
 def magnitude_mask(

@@ -1,0 +1,200 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_prune import MaskedDense, SparseDense
+from tests.layer_contract import run_layer_contract
+
+
+def to_numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+def built_masked(kernel, mask, bias=None, activation=None):
+    kernel = np.asarray(kernel, "float32")
+    layer = MaskedDense(kernel.shape[1], activation=activation,
+                        use_bias=bias is not None)
+    layer.build((None, kernel.shape[0]))
+    layer.kernel.assign(kernel)
+    if bias is not None:
+        layer.bias.assign(np.asarray(bias, "float32"))
+    layer.prune_to(np.asarray(mask, "float32"))
+    return layer
+
+
+def test_masked_dense_contract(tmp_path):
+    layer = MaskedDense(3, activation="relu", kernel_regularizer="l2", name="fc")
+    run_layer_contract(layer, (4, 5), (4, 3), expected_trainable_weights=2,
+                       expected_non_trainable_weights=1, tmp_path=tmp_path)
+
+
+def test_masked_dense_mask_weight_is_named_shaped_and_starts_at_ones():
+    layer = MaskedDense(3)
+    layer.build((None, 5))
+    assert layer.mask.name == "mask"
+    assert tuple(layer.mask.shape) == (5, 3)
+    assert not layer.mask.trainable
+    assert to_numpy(layer.mask).min() == 1.0 and layer.sparsity == 0.0
+
+
+def test_masked_dense_computes_activation_of_masked_product_plus_bias():
+    layer = built_masked([[1.0, 2.0], [3.0, 4.0]], [[1, 0], [0, 1]],
+                         bias=[0.5, -10.0], activation="relu")
+    # [1, 1] @ [[1, 0], [0, 4]] + [0.5, -10] = [1.5, -6] -> relu -> [1.5, 0].
+    np.testing.assert_allclose(to_numpy(layer(np.ones((1, 2), "float32"))),
+                               [[1.5, 0.0]])
+    # prune_to zeroed the raw kernel too.
+    np.testing.assert_array_equal(to_numpy(layer.kernel), [[1, 0], [0, 4]])
+    assert layer.sparsity == 0.5
+
+
+def test_masked_dense_accepts_rank_three_inputs_like_dense():
+    layer = built_masked([[1.0, 2.0], [3.0, 4.0]], [[1, 1], [0, 1]])
+    x = np.arange(12, dtype="float32").reshape(2, 3, 2)
+    np.testing.assert_allclose(to_numpy(layer(x)), x @ np.array([[1, 2], [0, 4]]))
+
+
+def test_pruned_weights_get_zero_gradient():
+    import tensorflow as tf
+
+    layer = built_masked(np.ones((3, 2)), [[1, 0], [0, 1], [1, 1]])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(np.ones((4, 3), "float32")))
+    gradient = to_numpy(tape.gradient(loss, layer.kernel.value))
+    np.testing.assert_array_equal(gradient == 0, to_numpy(layer.mask) == 0)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: keras.optimizers.Adam(0.1),
+        lambda: keras.optimizers.AdamW(0.1, weight_decay=0.5),
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    ],
+    ids=["adam", "adamw", "sgd-momentum"],
+)
+def test_momentum_never_revives_a_pruned_weight(optimizer):
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(32, 4)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), MaskedDense(4)])
+    model.compile(optimizer(), "mse")
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0)  # build up momentum
+    layer = model.layers[0]
+    mask = np.ones((6, 4), "float32")
+    mask[:, 0] = 0
+    mask[2] = 0
+    layer.prune_to(mask)
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0)
+    kernel = to_numpy(layer.kernel)
+    assert np.all(kernel[mask == 0] == 0)  # the raw kernel, exactly zero
+    assert np.all(kernel[mask == 1] != 0)
+
+
+def test_user_kernel_constraint_still_applies_before_the_mask():
+    model = keras.Sequential(
+        [keras.Input((3,)), MaskedDense(2, kernel_constraint="non_neg")]
+    )
+    model.compile(keras.optimizers.SGD(1.0), "mse")
+    model.layers[0].prune_to(np.array([[1, 0], [1, 1], [0, 1]], "float32"))
+    model.fit(np.ones((4, 3)), -np.ones((4, 2)) * 100, verbose=0)
+    kernel = to_numpy(model.layers[0].kernel)
+    assert kernel.min() >= 0
+    assert kernel[0, 1] == 0 and kernel[2, 0] == 0
+
+
+def test_masks_survive_save_and_load(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), MaskedDense(3, name="fc")])
+    mask = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], "float32")
+    model.layers[0].prune_to(mask)
+    model.save(tmp_path / "masked.keras")
+    loaded = keras.models.load_model(tmp_path / "masked.keras")
+    np.testing.assert_array_equal(to_numpy(loaded.get_layer("fc").mask), mask)
+    assert loaded.get_layer("fc").sparsity == 0.5
+
+
+@pytest.mark.parametrize("cls", [MaskedDense, SparseDense], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("units", [0, -3, 2.5, "4"], ids=["zero", "negative",
+                                                          "float", "string"])
+def test_units_must_be_a_positive_integer(cls, units):
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `units` to be a positive integer\. Received: units="
+        + repr(units) + "$",
+    ):
+        cls(units)
+
+
+def test_sparse_dense_contract(tmp_path):
+    kernel = np.zeros((5, 3), "float32")
+    kernel[0, 1], kernel[4, 2], kernel[2, 0] = 1.5, -2.0, 0.25
+    layer = SparseDense.from_kernel(kernel, bias=np.ones(3), activation="tanh",
+                                    name="sparse")
+    # Trainable: values and bias; not trainable: indices and row_splits.
+    run_layer_contract(layer, (4, 5), (4, 3), expected_trainable_weights=2,
+                       expected_non_trainable_weights=2, tmp_path=tmp_path)
+
+
+def test_sparse_dense_holds_only_nonzeros_in_int32_csr():
+    kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
+    layer = SparseDense.from_kernel(kernel, bias=np.zeros(3))
+    assert layer.nnz == 2
+    assert {w.name: tuple(w.shape) for w in layer.weights} == {
+        "values": (2,), "indices": (2,), "row_splits": (4,), "bias": (3,)}
+    assert layer.indices.dtype == "int32" and layer.row_splits.dtype == "int32"
+    # Unit 0 takes input 1 (3.0), unit 1 takes input 0 (2.0), unit 2 nothing.
+    np.testing.assert_array_equal(to_numpy(layer.values), [3.0, 2.0])
+    np.testing.assert_array_equal(to_numpy(layer.indices), [1, 0])
+    np.testing.assert_array_equal(to_numpy(layer.row_splits), [0, 1, 2, 2])
+    np.testing.assert_array_equal(layer.dense_kernel(), kernel)
+    assert layer.sparsity == pytest.approx(4 / 6)
+
+
+def random_sparse_kernel(shape, density, seed=0):
+    rng = np.random.default_rng(seed)
+    kernel = rng.normal(size=shape).astype("float32")
+    return kernel * (rng.random(shape) < density)
+
+
+def edge_kernels():
+    last_empty = random_sparse_kernel((6, 4), 0.5)
+    last_empty[-1, :] = 0  # last input row entirely zero
+    last_empty[:, -1] = 0  # last unit entirely zero
+    single = np.zeros((7, 5), "float32")
+    single[6, 4] = 3.0
+    return {
+        "all-zero": np.zeros((4, 3), "float32"),
+        "last-row-and-column-empty": last_empty,
+        "single-nonzero": single,
+        "one-unit": random_sparse_kernel((8, 1), 0.5),
+        "dense": random_sparse_kernel((5, 4), 1.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(edge_kernels()))
+@pytest.mark.parametrize("input_shape", [(1,), (9,), (2, 3)],
+                         ids=["batch-1", "batch-9", "rank-3"])
+def test_sparse_dense_matches_numpy_on_edge_cases(name, input_shape):
+    kernel = edge_kernels()[name]
+    bias = np.arange(kernel.shape[1], dtype="float32")
+    layer = SparseDense.from_kernel(kernel, bias=bias, activation="relu")
+    x = np.random.default_rng(1).normal(
+        size=(*input_shape, kernel.shape[0])).astype("float32")
+    expected = np.maximum(x @ kernel + bias, 0)
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_dense_from_kernel_rejects_non_matrix():
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `kernel` to be 2-D \(input_dim, units\)\. "
+        r"Received: kernel.shape=\(3,\)$",
+    ):
+        SparseDense.from_kernel(np.ones(3))
+
+
+def test_sparse_dense_rejects_negative_nnz():
+    with pytest.raises(
+        ValueError, match=r"^Expected `nnz` to be an integer >= 0\. Received: nnz=-1$"
+    ):
+        SparseDense(3, nnz=-1)
