@@ -2,11 +2,15 @@
 
 Example:
 
->>> import keras_prune as kp  # doctest: +SKIP
->>> model = kp.make_prunable(model)  # doctest: +SKIP
->>> model.fit(x, y, epochs=20,  # doctest: +SKIP
-...           callbacks=[kp.IterativePruningCallback(final_sparsity=0.99)])
->>> deployable = kp.export_sparse(model)  # doctest: +SKIP
+>>> import keras_prune as kp
+>>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+>>> model.compile("adam", "mse")
+>>> model = kp.make_prunable(model)
+>>> history = model.fit(np.ones((16, 8)), np.ones((16, 4)), epochs=2, verbose=0,
+...     callbacks=[kp.IterativePruningCallback(final_sparsity=0.75)])
+>>> deployable = kp.export_sparse(model)
+>>> kp.sparsity_summary(deployable).sparsity
+0.75
 """
 
 from keras_prune.callbacks import IterativePruningCallback

@@ -96,8 +96,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         else:
             if final_sparsity is None:
                 raise ValueError(
-                    "Expected `final_sparsity` in [0, 1). Received: "
-                    "final_sparsity=None"
+                    "Expected `final_sparsity` in [0, 1). Received: final_sparsity=None"
                 )
             final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
             # Build once with a provisional end so every argument is checked
@@ -130,7 +129,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
         if name == "geometric":
             return SCHEDULES[name](
-                final_sparsity, begin_epoch, end_epoch, factor=factor,
+                final_sparsity,
+                begin_epoch,
+                end_epoch,
+                factor=factor,
                 frequency=frequency,
             )
         if frequency != 1 or factor != 0.7:

@@ -28,7 +28,9 @@ def _check_model(model: Any, function: str) -> None:
         )
 
 
-def _clone(model: keras.Model, replace: Callable[[keras.layers.Layer], Any]) -> keras.Model:
+def _clone(
+    model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
+) -> keras.Model:
     """Clones `model`, building each layer with `replace(layer)` (or a plain
     config copy when it returns `None`), then copies the weights across."""
     pairs = []

@@ -122,9 +122,7 @@ class MaskedDense(keras.layers.Layer):
         self.mask = self.add_weight(
             name="mask", shape=kernel_shape, initializer="ones", trainable=False
         )
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=2, axes={-1: input_shape[-1]}
-        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
 
     def _constrain_kernel(self, kernel: Any) -> Any:
         if self.kernel_constraint is not None:
@@ -312,9 +310,7 @@ class SparseDense(keras.layers.Layer):
             if self.use_bias
             else None
         )
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=2, axes={-1: self.input_dim}
-        )
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
     def set_sparse_kernel(
         self, values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray

@@ -117,9 +117,7 @@ class PolynomialSchedule(PruningSchedule):
         frequency: int = 1,
     ):
         self.final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
-        self.initial_sparsity = validate_sparsity(
-            initial_sparsity, "initial_sparsity"
-        )
+        self.initial_sparsity = validate_sparsity(initial_sparsity, "initial_sparsity")
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 "Expected `initial_sparsity` <= `final_sparsity` "
@@ -129,9 +127,7 @@ class PolynomialSchedule(PruningSchedule):
         self.begin_step = validate_step(begin_step, "begin_step")
         self.end_step = validate_end(self.begin_step, end_step)
         if not (isinstance(power, (int, float)) and power > 0):
-            raise ValueError(
-                f"Expected `power` > 0. Received: power={power!r}"
-            )
+            raise ValueError(f"Expected `power` > 0. Received: power={power!r}")
         self.power = power
         self.frequency = validate_step(frequency, "frequency", minimum=1)
 
@@ -143,9 +139,10 @@ class PolynomialSchedule(PruningSchedule):
         cuts = math.ceil((self.end_step - self.begin_step) / self.frequency) + 1
         done = (step - self.begin_step) // self.frequency + 1
         remaining = (1.0 - done / cuts) ** self.power
-        return self.final_sparsity + (
-            self.initial_sparsity - self.final_sparsity
-        ) * remaining
+        return (
+            self.final_sparsity
+            + (self.initial_sparsity - self.final_sparsity) * remaining
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -60,23 +60,39 @@ class SparsitySummary:
     def __str__(self) -> str:
         header = ("layer", "type", "kernel shape", "size", "nonzeros", "sparsity")
         lines = [
-            (r.name, r.kind, "x".join(map(str, r.shape)), f"{r.size:,}",
-             f"{r.nonzeros:,}", f"{r.sparsity:.2%}")
+            (
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                f"{r.size:,}",
+                f"{r.nonzeros:,}",
+                f"{r.sparsity:.2%}",
+            )
             for r in self.rows
         ]
-        lines.append(("total", "", "", f"{self.size:,}", f"{self.nonzeros:,}",
-                      f"{self.sparsity:.2%}"))
+        lines.append(
+            (
+                "total",
+                "",
+                "",
+                f"{self.size:,}",
+                f"{self.nonzeros:,}",
+                f"{self.sparsity:.2%}",
+            )
+        )
         widths = [max(len(row[i]) for row in [header, *lines]) for i in range(6)]
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
                 cell.ljust(width) if i < 3 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths))
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             ]
             return "  ".join(cells).rstrip()
 
         rule = "  ".join("-" * width for width in widths)
-        return "\n".join([fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])])
+        return "\n".join(
+            [fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])]
+        )
 
 
 def sparsity_summary(model: keras.Model) -> SparsitySummary:
@@ -120,7 +136,8 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         else:
             continue
         rows.append(
-            LayerSparsity(layer.name, type(layer).__name__, shape,
-                          int(np.prod(shape)), nonzeros)
+            LayerSparsity(
+                layer.name, type(layer).__name__, shape, int(np.prod(shape)), nonzeros
+            )
         )
     return SparsitySummary(tuple(rows))

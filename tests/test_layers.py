@@ -13,8 +13,9 @@ def to_numpy(x):
 
 def built_masked(kernel, mask, bias=None, activation=None):
     kernel = np.asarray(kernel, "float32")
-    layer = MaskedDense(kernel.shape[1], activation=activation,
-                        use_bias=bias is not None)
+    layer = MaskedDense(
+        kernel.shape[1], activation=activation, use_bias=bias is not None
+    )
     layer.build((None, kernel.shape[0]))
     layer.kernel.assign(kernel)
     if bias is not None:
@@ -25,8 +26,14 @@ def built_masked(kernel, mask, bias=None, activation=None):
 
 def test_masked_dense_contract(tmp_path):
     layer = MaskedDense(3, activation="relu", kernel_regularizer="l2", name="fc")
-    run_layer_contract(layer, (4, 5), (4, 3), expected_trainable_weights=2,
-                       expected_non_trainable_weights=1, tmp_path=tmp_path)
+    run_layer_contract(
+        layer,
+        (4, 5),
+        (4, 3),
+        expected_trainable_weights=2,
+        expected_non_trainable_weights=1,
+        tmp_path=tmp_path,
+    )
 
 
 def test_masked_dense_mask_weight_is_named_shaped_and_starts_at_ones():
@@ -39,11 +46,13 @@ def test_masked_dense_mask_weight_is_named_shaped_and_starts_at_ones():
 
 
 def test_masked_dense_computes_activation_of_masked_product_plus_bias():
-    layer = built_masked([[1.0, 2.0], [3.0, 4.0]], [[1, 0], [0, 1]],
-                         bias=[0.5, -10.0], activation="relu")
+    layer = built_masked(
+        [[1.0, 2.0], [3.0, 4.0]], [[1, 0], [0, 1]], bias=[0.5, -10.0], activation="relu"
+    )
     # [1, 1] @ [[1, 0], [0, 4]] + [0.5, -10] = [1.5, -6] -> relu -> [1.5, 0].
-    np.testing.assert_allclose(to_numpy(layer(np.ones((1, 2), "float32"))),
-                               [[1.5, 0.0]])
+    np.testing.assert_allclose(
+        to_numpy(layer(np.ones((1, 2), "float32"))), [[1.5, 0.0]]
+    )
     # prune_to zeroed the raw kernel too.
     np.testing.assert_array_equal(to_numpy(layer.kernel), [[1, 0], [0, 4]])
     assert layer.sparsity == 0.5
@@ -114,13 +123,15 @@ def test_masks_survive_save_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("cls", [MaskedDense, SparseDense], ids=lambda c: c.__name__)
-@pytest.mark.parametrize("units", [0, -3, 2.5, "4"], ids=["zero", "negative",
-                                                          "float", "string"])
+@pytest.mark.parametrize(
+    "units", [0, -3, 2.5, "4"], ids=["zero", "negative", "float", "string"]
+)
 def test_units_must_be_a_positive_integer(cls, units):
     with pytest.raises(
         ValueError,
         match=r"^Expected `units` to be a positive integer\. Received: units="
-        + repr(units) + "$",
+        + repr(units)
+        + "$",
     ):
         cls(units)
 
@@ -128,11 +139,18 @@ def test_units_must_be_a_positive_integer(cls, units):
 def test_sparse_dense_contract(tmp_path):
     kernel = np.zeros((5, 3), "float32")
     kernel[0, 1], kernel[4, 2], kernel[2, 0] = 1.5, -2.0, 0.25
-    layer = SparseDense.from_kernel(kernel, bias=np.ones(3), activation="tanh",
-                                    name="sparse")
+    layer = SparseDense.from_kernel(
+        kernel, bias=np.ones(3), activation="tanh", name="sparse"
+    )
     # Trainable: values and bias; not trainable: indices and row_splits.
-    run_layer_contract(layer, (4, 5), (4, 3), expected_trainable_weights=2,
-                       expected_non_trainable_weights=2, tmp_path=tmp_path)
+    run_layer_contract(
+        layer,
+        (4, 5),
+        (4, 3),
+        expected_trainable_weights=2,
+        expected_non_trainable_weights=2,
+        tmp_path=tmp_path,
+    )
 
 
 def test_sparse_dense_holds_only_nonzeros_in_int32_csr():
@@ -140,7 +158,11 @@ def test_sparse_dense_holds_only_nonzeros_in_int32_csr():
     layer = SparseDense.from_kernel(kernel, bias=np.zeros(3))
     assert layer.nnz == 2
     assert {w.name: tuple(w.shape) for w in layer.weights} == {
-        "values": (2,), "indices": (2,), "row_splits": (4,), "bias": (3,)}
+        "values": (2,),
+        "indices": (2,),
+        "row_splits": (4,),
+        "bias": (3,),
+    }
     assert layer.indices.dtype == "int32" and layer.row_splits.dtype == "int32"
     # Unit 0 takes input 1 (3.0), unit 1 takes input 0 (2.0), unit 2 nothing.
     np.testing.assert_array_equal(to_numpy(layer.values), [3.0, 2.0])
@@ -172,14 +194,18 @@ def edge_kernels():
 
 
 @pytest.mark.parametrize("name", list(edge_kernels()))
-@pytest.mark.parametrize("input_shape", [(1,), (9,), (2, 3)],
-                         ids=["batch-1", "batch-9", "rank-3"])
+@pytest.mark.parametrize(
+    "input_shape", [(1,), (9,), (2, 3)], ids=["batch-1", "batch-9", "rank-3"]
+)
 def test_sparse_dense_matches_numpy_on_edge_cases(name, input_shape):
     kernel = edge_kernels()[name]
     bias = np.arange(kernel.shape[1], dtype="float32")
     layer = SparseDense.from_kernel(kernel, bias=bias, activation="relu")
-    x = np.random.default_rng(1).normal(
-        size=(*input_shape, kernel.shape[0])).astype("float32")
+    x = (
+        np.random.default_rng(1)
+        .normal(size=(*input_shape, kernel.shape[0]))
+        .astype("float32")
+    )
     expected = np.maximum(x @ kernel + bias, 0)
     np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-6, atol=1e-6)
 

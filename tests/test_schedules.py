@@ -13,8 +13,15 @@ from keras_prune.schedules import (
 def test_polynomial_is_cubic_in_the_number_of_cuts_and_ends_at_final():
     schedule = PolynomialSchedule(0.8, begin_step=2, end_step=5)
     # Four cuts (steps 2, 3, 4, 5): 0.8 * (1 - (1 - k/4) ** 3) for k = 1..4.
-    expected = [0.0, 0.0, 0.8 * (1 - 0.75**3), 0.8 * (1 - 0.5**3),
-                0.8 * (1 - 0.25**3), 0.8, 0.8]
+    expected = [
+        0.0,
+        0.0,
+        0.8 * (1 - 0.75**3),
+        0.8 * (1 - 0.5**3),
+        0.8 * (1 - 0.25**3),
+        0.8,
+        0.8,
+    ]
     assert [schedule(step) for step in range(7)] == pytest.approx(expected)
 
 
@@ -27,8 +34,9 @@ def test_polynomial_frequency_holds_between_cuts_and_still_lands_on_end():
 
 
 def test_polynomial_starts_from_initial_sparsity():
-    schedule = PolynomialSchedule(0.9, begin_step=0, end_step=1,
-                                  initial_sparsity=0.5, power=1)
+    schedule = PolynomialSchedule(
+        0.9, begin_step=0, end_step=1, initial_sparsity=0.5, power=1
+    )
     assert schedule(0) == pytest.approx(0.7)
     assert schedule(1) == 0.9
 
@@ -73,21 +81,35 @@ def test_schedules_round_trip_config_and_never_decrease(schedule):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: PolynomialSchedule(1.2),
-         r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=1.2"),
-        (lambda: PolynomialSchedule(0.5, initial_sparsity=0.6),
-         r"Expected `initial_sparsity` <= `final_sparsity` \(0.5\)\. "
-         r"Received: initial_sparsity=0.6"),
-        (lambda: PolynomialSchedule(0.5, begin_step=3, end_step=2),
-         r"Expected `end_step` >= 3, the first pruning step\. Received: end_step=2"),
-        (lambda: PolynomialSchedule(0.5, frequency=0),
-         r"Expected `frequency` to be an integer >= 1\. Received: frequency=0"),
-        (lambda: PolynomialSchedule(0.5, power=0),
-         r"Expected `power` > 0\. Received: power=0"),
-        (lambda: GeometricSchedule(0.5, factor=1.0),
-         r"Expected `factor` in \(0, 1\)\. Received: factor=1.0"),
-        (lambda: ConstantSchedule(0.5, begin_step=-1),
-         r"Expected `begin_step` to be an integer >= 0\. Received: begin_step=-1"),
+        (
+            lambda: PolynomialSchedule(1.2),
+            r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=1.2",
+        ),
+        (
+            lambda: PolynomialSchedule(0.5, initial_sparsity=0.6),
+            r"Expected `initial_sparsity` <= `final_sparsity` \(0.5\)\. "
+            r"Received: initial_sparsity=0.6",
+        ),
+        (
+            lambda: PolynomialSchedule(0.5, begin_step=3, end_step=2),
+            r"Expected `end_step` >= 3, the first pruning step\. Received: end_step=2",
+        ),
+        (
+            lambda: PolynomialSchedule(0.5, frequency=0),
+            r"Expected `frequency` to be an integer >= 1\. Received: frequency=0",
+        ),
+        (
+            lambda: PolynomialSchedule(0.5, power=0),
+            r"Expected `power` > 0\. Received: power=0",
+        ),
+        (
+            lambda: GeometricSchedule(0.5, factor=1.0),
+            r"Expected `factor` in \(0, 1\)\. Received: factor=1.0",
+        ),
+        (
+            lambda: ConstantSchedule(0.5, begin_step=-1),
+            r"Expected `begin_step` to be an integer >= 0\. Received: begin_step=-1",
+        ),
     ],
     ids=["final", "initial", "end", "frequency", "power", "factor", "begin"],
 )

@@ -1,0 +1,273 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_prune import (
+    GeometricSchedule,
+    IterativePruningCallback,
+    MaskedDense,
+    PruningSchedule,
+)
+
+
+def small_model():
+    model = keras.Sequential(
+        [
+            keras.Input((20,)),
+            MaskedDense(30, activation="relu", name="fc1"),
+            MaskedDense(5, name="fc2"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    return model
+
+
+def data():
+    rng = np.random.default_rng(0)
+    return (
+        rng.normal(size=(64, 20)).astype("float32"),
+        rng.normal(size=(64, 5)).astype("float32"),
+    )
+
+
+class MaskRecorder(keras.callbacks.Callback):
+    """Records fc1's mask at the start and end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.begin, self.end = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begin.append(ops.convert_to_numpy(self.model.get_layer("fc1").mask))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.end.append(ops.convert_to_numpy(self.model.get_layer("fc1").mask))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"final_sparsity": 0.95},
+        {"final_sparsity": 0.95, "schedule": "geometric", "factor": 0.5},
+        {"final_sparsity": 0.95, "schedule": "constant", "begin_epoch": 1},
+        {"schedule": GeometricSchedule(0.9, begin_step=1, factor=0.5)},
+    ],
+    ids=["polynomial", "geometric", "constant", "schedule-object"],
+)
+def test_every_schedule_reaches_final_sparsity_and_retrains_after_last_cut(kwargs):
+    model = small_model()
+    callback = IterativePruningCallback(**kwargs)
+    recorder = MaskRecorder()
+    x, y = data()
+    history = model.fit(
+        x, y, epochs=6, batch_size=16, verbose=0, callbacks=[callback, recorder]
+    )
+    final = kwargs.get("final_sparsity", 0.9)
+    for name, size in [("fc1", 600), ("fc2", 150)]:
+        layer = model.get_layer(name)
+        assert abs(layer.sparsity - final) <= 0.005
+        # Exact counts: round(final * size) zeros in mask and raw kernel.
+        assert np.count_nonzero(ops.convert_to_numpy(layer.mask)) == size - round(
+            final * size
+        )
+        kernel = ops.convert_to_numpy(layer.kernel)
+        np.testing.assert_array_equal(kernel[ops.convert_to_numpy(layer.mask) == 0], 0)
+        assert history.history[f"sparsity/{name}"][-1] == layer.sparsity
+    # The last epoch trained with the final mask: no cut after it began.
+    np.testing.assert_array_equal(recorder.begin[-1], recorder.end[-1])
+    # Masks only ever lose ones.
+    for before, after in zip(recorder.end[:-1], recorder.end[1:], strict=True):
+        assert np.all(after <= before)
+
+
+def test_polynomial_sparsity_in_history_follows_the_cubic_ramp():
+    model = small_model()
+    history = model.fit(
+        *data(),
+        epochs=4,
+        verbose=0,
+        callbacks=[IterativePruningCallback(0.8, begin_epoch=1)],
+    )
+    # Cuts before epochs 1, 2, 3: 0.8 * (1 - (1 - k/3) ** 3), rounded to 600 weights.
+    expected = [0.0] + [
+        round(0.8 * (1 - (1 - k / 3) ** 3) * 600) / 600 for k in (1, 2, 3)
+    ]
+    assert history.history["sparsity/fc1"] == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("ignore:`end_epoch`=5 is past")
+def test_geometric_keeps_seventy_percent_per_round_by_default():
+    model = small_model()
+    history = model.fit(
+        *data(),
+        epochs=4,
+        verbose=0,
+        callbacks=[IterativePruningCallback(0.9, schedule="geometric", end_epoch=5)],
+    )
+    kept = [1 - s for s in history.history["sparsity/fc1"]]
+    assert kept == pytest.approx([0.7, 0.49, 0.343, 0.24], abs=1 / 600)
+
+
+def test_hooks_called_directly_prune_before_the_epoch_and_log_after():
+    model = small_model()
+    callback = IterativePruningCallback(0.5, schedule="constant", begin_epoch=2)
+    callback.set_model(model)
+    callback.set_params({"epochs": 4})
+    callback.on_train_begin()
+    callback.on_epoch_begin(1)
+    assert model.get_layer("fc1").sparsity == 0.0
+    callback.on_epoch_begin(2)
+    assert model.get_layer("fc1").sparsity == 0.5
+    logs = {"loss": 1.0}
+    callback.on_epoch_end(2, logs)
+    assert logs == {"loss": 1.0, "sparsity/fc1": 0.5, "sparsity/fc2": 0.5}
+
+
+@pytest.mark.filterwarnings("ignore:`end_epoch`=5 is past")
+def test_resume_from_a_saved_model_keeps_masks_and_continues(tmp_path):
+    x, y = data()
+    model = small_model()
+    callback = IterativePruningCallback(0.9, schedule="geometric", end_epoch=5)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    mask = ops.convert_to_numpy(model.get_layer("fc1").mask)
+    model.save(tmp_path / "checkpoint.keras")
+
+    resumed = keras.models.load_model(tmp_path / "checkpoint.keras")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(resumed.get_layer("fc1").mask), mask
+    )
+    resumed.fit(
+        x,
+        y,
+        epochs=6,
+        initial_epoch=2,
+        verbose=0,
+        callbacks=[IterativePruningCallback(0.9, schedule="geometric", end_epoch=5)],
+    )
+    new_mask = ops.convert_to_numpy(resumed.get_layer("fc1").mask)
+    assert np.all(new_mask <= mask)  # nothing pruned came back
+    assert resumed.get_layer("fc1").sparsity == pytest.approx(0.9)
+
+
+def test_custom_schedule_object():
+    class StepAtTwo(PruningSchedule):
+        def __call__(self, step):
+            return 0.25 if step >= 2 else 0.0
+
+        def get_config(self):
+            return {}
+
+    model = small_model()
+    history = model.fit(
+        *data(),
+        epochs=3,
+        verbose=0,
+        callbacks=[IterativePruningCallback(schedule=StepAtTwo())],
+    )
+    assert history.history["sparsity/fc1"] == [0.0, 0.0, 0.25]
+
+
+def test_model_without_masked_dense_fails_when_training_starts():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name="plain")
+    model.compile("sgd", "mse")
+    with pytest.raises(
+        ValueError,
+        match=r"^IterativePruningCallback found no MaskedDense layer to prune in "
+        r"model 'plain'\. Build the model with keras_prune\.MaskedDense or convert "
+        r"it with keras_prune\.make_prunable\(model\)\.$",
+    ):
+        model.fit(
+            np.ones((4, 3)),
+            np.ones((4, 2)),
+            verbose=0,
+            callbacks=[IterativePruningCallback(0.5)],
+        )
+
+
+def test_end_epoch_past_the_fit_warns():
+    model = small_model()
+    with pytest.warns(UserWarning, match="will not reach final_sparsity=0.5"):
+        model.fit(
+            *data(),
+            epochs=2,
+            verbose=0,
+            callbacks=[IterativePruningCallback(0.5, end_epoch=4)],
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"final_sparsity": 1.5},
+            ValueError,
+            r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=1.5",
+        ),
+        (
+            {"final_sparsity": float("nan")},
+            ValueError,
+            r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=nan",
+        ),
+        (
+            {},
+            ValueError,
+            r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=None",
+        ),
+        (
+            {"final_sparsity": 0.5, "schedule": "cubic"},
+            ValueError,
+            r"Expected `schedule` to be one of \['constant', 'geometric', "
+            r"'polynomial'\] or a PruningSchedule object\. Received: schedule='cubic'",
+        ),
+        (
+            {"final_sparsity": 0.5, "begin_epoch": -1},
+            ValueError,
+            r"Expected `begin_epoch` to be an integer >= 0\. Received: begin_epoch=-1",
+        ),
+        (
+            {"final_sparsity": 0.5, "begin_epoch": 3, "end_epoch": 1},
+            ValueError,
+            r"Expected `end_epoch` >= 3, the first pruning step\. "
+            r"Received: end_epoch=1",
+        ),
+        (
+            {"final_sparsity": 0.5, "frequency": 0},
+            ValueError,
+            r"Expected `frequency` to be an integer >= 1\. Received: frequency=0",
+        ),
+        (
+            {"final_sparsity": 0.5, "schedule": "geometric", "factor": 2},
+            ValueError,
+            r"Expected `factor` in \(0, 1\)\. Received: factor=2",
+        ),
+        (
+            {"final_sparsity": 0.5, "schedule": GeometricSchedule(0.5)},
+            ValueError,
+            r"Pass `final_sparsity` to the schedule object, not to the callback\. "
+            r"Received: final_sparsity=0.5 with schedule=GeometricSchedule\(.*\)",
+        ),
+    ],
+    ids=[
+        "above-one",
+        "nan",
+        "missing",
+        "unknown-schedule",
+        "begin",
+        "end",
+        "frequency",
+        "factor",
+        "both-finals",
+    ],
+)
+def test_bad_arguments_fail_before_fit(kwargs, error, message):
+    with pytest.raises(error, match="^" + message + "$"):
+        IterativePruningCallback(**kwargs)
+
+
+def test_config_round_trips():
+    callback = IterativePruningCallback(
+        0.9, schedule="geometric", begin_epoch=1, end_epoch=8, frequency=2, factor=0.6
+    )
+    clone = IterativePruningCallback(**callback.get_config())
+    assert clone.get_config() == callback.get_config()

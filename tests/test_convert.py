@@ -1,0 +1,225 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers, ops
+
+from keras_prune import (
+    MaskedDense,
+    SparseDense,
+    export_sparse,
+    make_prunable,
+    masked_layers,
+)
+
+
+def convnet():
+    """A small cousin of the seed convnet: conv, BN, pool, dropout, two Dense."""
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D()(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(16, activation="relu", name="fc1")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(3, name="fc2")(x)
+    model = keras.Model(inputs, outputs, name="convnet")
+    model.compile(keras.optimizers.Adam(1e-3), "mse", metrics=["mae"])
+    x_train = np.random.default_rng(0).random((32, 8, 8, 1)).astype("float32")
+    model.fit(x_train, np.zeros((32, 3)), verbose=0)  # move BN statistics
+    return model
+
+
+def images(n=10):
+    return np.random.default_rng(1).random((n, 8, 8, 1)).astype("float32")
+
+
+def snapshot(model):
+    return [type(layer) for layer in model.layers], [
+        ops.convert_to_numpy(w).copy() for w in model.weights
+    ]
+
+
+def assert_unchanged(model, before):
+    types, weights = snapshot(model)
+    assert types == before[0]
+    for old, new in zip(before[1], weights, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def prune_randomly(model, density, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in masked_layers(model):
+        layer.prune_to(
+            (rng.random(tuple(layer.mask.shape)) < density).astype("float32")
+        )
+
+
+# --- make_prunable -------------------------------------------------------
+
+
+def test_make_prunable_gives_identical_outputs_and_leaves_input_alone():
+    model = convnet()
+    before = snapshot(model)
+    prunable = make_prunable(model)
+    assert [
+        type(layer).__name__ for layer in prunable.layers if "fc" in layer.name
+    ] == ["MaskedDense", "MaskedDense"]
+    np.testing.assert_array_equal(
+        prunable.predict(images(), verbose=0), model.predict(images(), verbose=0)
+    )
+    assert_unchanged(model, before)
+    # Compiled like the original, with a fresh optimizer: fit works at once.
+    assert prunable.compiled
+    assert prunable.optimizer is not model.optimizer
+    prunable.fit(images(), np.zeros((10, 3)), verbose=0)
+    assert_unchanged(model, before)
+
+
+def test_make_prunable_sequential_keeps_config_arguments():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(
+                3,
+                activation="tanh",
+                use_bias=False,
+                kernel_regularizer="l2",
+                name="only",
+            ),
+        ]
+    )
+    layer = make_prunable(model).get_layer("only")
+    assert isinstance(layer, MaskedDense)
+    assert layer.get_config()["activation"] == "tanh"
+    assert layer.bias is None and layer.kernel_regularizer is not None
+
+
+@pytest.mark.parametrize(
+    "layers_arg",
+    [["fc2"], "fc2", lambda layer: layer.name == "fc2"],
+    ids=["names", "one-name", "predicate"],
+)
+def test_make_prunable_converts_only_chosen_layers(layers_arg):
+    prunable = make_prunable(convnet(), layers=layers_arg)
+    assert type(prunable.get_layer("fc1")) is layers.Dense
+    assert type(prunable.get_layer("fc2")) is MaskedDense
+
+
+@pytest.mark.parametrize(
+    ("layers_arg", "reason"),
+    [
+        (["nope"], "'nope' is not in the model"),
+        (["max_pooling2d"], "'max_pooling2d' is a MaxPooling2D"),
+    ],
+    ids=["missing", "not-dense"],
+)
+def test_make_prunable_refuses_bad_layer_names(layers_arg, reason):
+    model = convnet()
+    layers_arg = [model.layers[3].name] if reason.startswith("'max") else layers_arg
+    reason = reason.replace("'max_pooling2d'", repr(model.layers[3].name))
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected every name in `layers` to be a keras\.layers\.Dense layer "
+        r"of the model\. Received: layers="
+        + repr(layers_arg).replace("[", r"\[").replace("]", r"\]")
+        + "; "
+        + reason
+        + "$",
+    ):
+        make_prunable(model, layers=layers_arg)
+
+
+@pytest.mark.parametrize(
+    "function", [make_prunable, export_sparse], ids=lambda f: f.__name__
+)
+def test_converters_refuse_non_models(function):
+    with pytest.raises(
+        TypeError,
+        match=rf"^`{function.__name__}` expects `model` to be a keras\.Model\. "
+        r"Received: model=\[1, 2\] of type list$",
+    ):
+        function([1, 2])
+
+
+# --- export_sparse -------------------------------------------------------
+
+
+def test_export_sparse_matches_masked_predictions_and_leaves_input_alone():
+    masked = make_prunable(convnet())
+    prune_randomly(masked, density=0.1)
+    before = snapshot(masked)
+    sparse = export_sparse(masked)
+    assert_unchanged(masked, before)
+    assert {type(layer).__name__ for layer in sparse.layers} >= {
+        "SparseDense",
+        "Conv2D",
+    }
+    assert not masked_layers(sparse)
+    difference = np.abs(
+        sparse.predict(images(), verbose=0) - masked.predict(images(), verbose=0)
+    ).max()
+    assert difference < 1e-5
+    # Every non-pruned layer kept its weights (BN statistics included).
+    for name in ("batch_normalization", "conv2d"):
+        old = [layer for layer in masked.layers if layer.name.startswith(name)][0]
+        new = sparse.get_layer(old.name)
+        for a, b in zip(old.get_weights(), new.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_export_sparse_stores_exactly_the_nonzeros():
+    masked = make_prunable(convnet())
+    prune_randomly(masked, density=0.2)
+    sparse = export_sparse(masked)
+    for layer in masked_layers(masked):
+        new = sparse.get_layer(layer.name)
+        assert isinstance(new, SparseDense)
+        assert new.nnz == np.count_nonzero(ops.convert_to_numpy(layer.masked_kernel))
+        np.testing.assert_array_equal(
+            new.dense_kernel(), ops.convert_to_numpy(layer.masked_kernel)
+        )
+
+
+def test_export_sparse_handles_nested_models():
+    inner = keras.Sequential(
+        [keras.Input((6,)), MaskedDense(4, name="inner_fc")], name="inner"
+    )
+    inputs = keras.Input((6,))
+    outputs = MaskedDense(2, name="outer_fc")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    prune_randomly(model, density=0.5)
+    sparse = export_sparse(model)
+    x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
+    np.testing.assert_allclose(
+        sparse.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    assert isinstance(sparse.get_layer("inner").get_layer("inner_fc"), SparseDense)
+
+
+def test_sparse_model_saves_loads_and_serves_as_saved_model(tmp_path):
+    masked = make_prunable(convnet())
+    prune_randomly(masked, density=0.05)
+    sparse = export_sparse(masked)
+    expected = sparse.predict(images(), verbose=0)
+
+    sparse.save(tmp_path / "sparse.keras")
+    loaded = keras.models.load_model(tmp_path / "sparse.keras")
+    assert isinstance(loaded.get_layer("fc1"), SparseDense)
+    np.testing.assert_array_equal(loaded.predict(images(), verbose=0), expected)
+
+    sparse.export(str(tmp_path / "served"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(images()).numpy(), expected, atol=1e-6)
+
+
+def test_sparse_keras_file_is_under_three_percent_of_dense_at_one_percent(tmp_path):
+    dense = keras.Sequential([keras.Input((3136,)), layers.Dense(1024, name="fc1")])
+    dense.save(tmp_path / "dense.keras")
+    masked = make_prunable(dense)
+    prune_randomly(masked, density=0.01)
+    export_sparse(masked).save(tmp_path / "sparse.keras")
+    ratio = (tmp_path / "sparse.keras").stat().st_size / (
+        tmp_path / "dense.keras"
+    ).stat().st_size
+    assert ratio <= 0.03, ratio
