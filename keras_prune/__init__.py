@@ -20,6 +20,7 @@ from keras_prune.masks import magnitude_mask
 from keras_prune.schedules import (
     ConstantSchedule,
     GeometricSchedule,
+    ListSchedule,
     PolynomialSchedule,
     PruningSchedule,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "GeometricSchedule",
     "IterativePruningCallback",
     "LayerSparsity",
+    "ListSchedule",
     "MaskedDense",
     "PolynomialSchedule",
     "PruningSchedule",

@@ -34,13 +34,16 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     Args:
         final_sparsity: Fraction of each layer's kernel pruned by the end of
-            `fit`, in [0, 1). Required with a named schedule; leave it `None`
-            with a `PruningSchedule` object, which carries its own.
+            `fit`, in [0, 1), or a dict `{layer name: fraction}` to give
+            layers their own targets (layers not named are not pruned).
+            Required with a named schedule; leave it `None` with schedule
+            objects, which carry their own.
         schedule: `"polynomial"` (Zhu & Gupta's cubic ramp), `"geometric"`
             (keep `factor` of the live weights at each cut, as Han et al.
             and the seed report), `"constant"` (one cut at `begin_epoch`),
-            or a `PruningSchedule` object mapping an epoch to a sparsity.
-            Defaults to `"polynomial"`.
+            a `PruningSchedule` object mapping an epoch to a sparsity, or a
+            dict `{layer name: PruningSchedule}`. Defaults to
+            `"polynomial"`.
         begin_epoch: The first epoch that trains pruned; the first cut
             happens just before it. Defaults to `0`, right for a model that
             is already trained; use 1 or more to train dense first.
@@ -69,100 +72,120 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def __init__(
         self,
-        final_sparsity: float | None = None,
-        schedule: str | PruningSchedule = "polynomial",
+        final_sparsity: float | dict[str, float] | None = None,
+        schedule: str | PruningSchedule | dict[str, PruningSchedule] = "polynomial",
         begin_epoch: int = 0,
         end_epoch: int | None = None,
         frequency: int = 1,
         factor: float = 0.7,
     ):
         super().__init__()
-        begin_epoch = validate_step(begin_epoch, "begin_epoch")
+        self.begin_epoch = validate_step(begin_epoch, "begin_epoch")
         if end_epoch is not None:
             end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
-        frequency = validate_step(frequency, "frequency", minimum=1)
-        if isinstance(schedule, PruningSchedule):
+        self.end_epoch = end_epoch
+        self.frequency = validate_step(frequency, "frequency", minimum=1)
+        self.factor = factor
+        if isinstance(schedule, str):
+            if schedule not in SCHEDULES:
+                raise ValueError(
+                    f"Expected `schedule` to be one of {sorted(SCHEDULES)}, a "
+                    "PruningSchedule object or a dict of them by layer name. "
+                    f"Received: schedule={schedule!r}"
+                )
+            if schedule == "constant" and (frequency != 1 or factor != 0.7):
+                raise ValueError(
+                    "The 'constant' schedule cuts once: it takes no `frequency` "
+                    f"or `factor`. Received: frequency={frequency!r}, "
+                    f"factor={factor!r}"
+                )
+            final_sparsity = self._validate_finals(final_sparsity)
+            # Build each schedule once with a provisional end, so that every
+            # argument is checked now; the real end is known at `fit` time.
+            for final in self._per_layer(final_sparsity).values():
+                self._make_schedule(schedule, final, end_epoch or begin_epoch)
+        else:
+            schedules = schedule.values() if isinstance(schedule, dict) else [schedule]
+            if not all(isinstance(s, PruningSchedule) for s in schedules):
+                raise ValueError(
+                    f"Expected `schedule` to be one of {sorted(SCHEDULES)}, a "
+                    "PruningSchedule object or a dict of them by layer name. "
+                    f"Received: schedule={schedule!r}"
+                )
             if final_sparsity is not None:
                 raise ValueError(
                     "Pass `final_sparsity` to the schedule object, not to the "
                     f"callback. Received: final_sparsity={final_sparsity!r} with "
                     f"schedule={schedule!r}"
                 )
-        elif schedule not in SCHEDULES:
-            raise ValueError(
-                f"Expected `schedule` to be one of {sorted(SCHEDULES)} or a "
-                f"PruningSchedule object. Received: schedule={schedule!r}"
-            )
-        else:
-            if final_sparsity is None:
-                raise ValueError(
-                    "Expected `final_sparsity` in [0, 1). Received: final_sparsity=None"
-                )
-            final_sparsity = validate_sparsity(final_sparsity, "final_sparsity")
-            # Build once with a provisional end so every argument is checked
-            # now, before `fit`; the real end is known in `on_train_begin`.
-            self._make_schedule(
-                schedule, final_sparsity, begin_epoch, end_epoch, frequency, factor
-            )
         self.final_sparsity = final_sparsity
         self.schedule = schedule
-        self.begin_epoch = begin_epoch
-        self.end_epoch = end_epoch
-        self.frequency = frequency
-        self.factor = factor
-        self.active_schedule: PruningSchedule | None = None
+        self.layer_schedules: dict[str, PruningSchedule] = {}
 
     @staticmethod
+    def _validate_finals(final_sparsity: Any) -> float | dict[str, float]:
+        if isinstance(final_sparsity, dict):
+            return {
+                name: validate_sparsity(value, f"final_sparsity[{name!r}]")
+                for name, value in final_sparsity.items()
+            }
+        if final_sparsity is None:
+            raise ValueError(
+                "Expected `final_sparsity` in [0, 1). Received: final_sparsity=None"
+            )
+        return validate_sparsity(final_sparsity, "final_sparsity")
+
+    @staticmethod
+    def _per_layer(value: Any) -> dict[str | None, Any]:
+        """`{name: value}` as given, or `{None: value}` meaning every layer."""
+        return dict(value) if isinstance(value, dict) else {None: value}
+
     def _make_schedule(
-        name: str,
-        final_sparsity: float,
-        begin_epoch: int,
-        end_epoch: int | None,
-        frequency: int,
-        factor: float,
+        self, name: str, final: float, end_epoch: int
     ) -> PruningSchedule:
-        if end_epoch is None:
-            end_epoch = begin_epoch
         if name == "polynomial":
             return SCHEDULES[name](
-                final_sparsity, begin_epoch, end_epoch, frequency=frequency
+                final, self.begin_epoch, end_epoch, frequency=self.frequency
             )
         if name == "geometric":
             return SCHEDULES[name](
-                final_sparsity,
-                begin_epoch,
+                final,
+                self.begin_epoch,
                 end_epoch,
-                factor=factor,
-                frequency=frequency,
+                factor=self.factor,
+                frequency=self.frequency,
             )
-        if frequency != 1 or factor != 0.7:
-            raise ValueError(
-                "The 'constant' schedule cuts once: it takes no `frequency` or "
-                f"`factor`. Received: frequency={frequency!r}, factor={factor!r}"
-            )
-        return SCHEDULES[name](final_sparsity, begin_epoch)
+        return SCHEDULES[name](final, self.begin_epoch)
 
-    def _resolve_schedule(self, epochs: int) -> PruningSchedule:
-        if isinstance(self.schedule, PruningSchedule):
-            return self.schedule
-        end_epoch = self.end_epoch
-        if end_epoch is None:
-            end_epoch = max(self.begin_epoch, epochs - 1)
-        if end_epoch > epochs - 1:
-            warnings.warn(
-                f"`end_epoch`={end_epoch} is past the last epoch of this fit "
-                f"({epochs - 1}): layers will not reach final_sparsity="
-                f"{self.final_sparsity} in it.",
-                stacklevel=2,
+    def _resolve_schedules(self, epochs: int) -> dict[str, PruningSchedule]:
+        """Maps each pruned layer's name to its schedule for this `fit`."""
+        if isinstance(self.schedule, str):
+            end_epoch = self.end_epoch
+            if end_epoch is None:
+                end_epoch = max(self.begin_epoch, epochs - 1)
+            if end_epoch > epochs - 1:
+                warnings.warn(
+                    f"`end_epoch`={end_epoch} is past the last epoch of this fit "
+                    f"({epochs - 1}): layers will not reach final_sparsity="
+                    f"{self.final_sparsity} in it.",
+                    stacklevel=3,
+                )
+            wanted = {
+                name: self._make_schedule(self.schedule, final, end_epoch)
+                for name, final in self._per_layer(self.final_sparsity).items()
+            }
+        else:
+            wanted = self._per_layer(self.schedule)
+        names = [layer.name for layer in self.layers]
+        if None in wanted:
+            return dict.fromkeys(names, wanted[None])
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(
+                f"Expected the keys of `final_sparsity` or `schedule` to name "
+                f"MaskedDense layers of the model ({names}). Received: {unknown}"
             )
-        return self._make_schedule(
-            self.schedule,
-            self.final_sparsity,
-            self.begin_epoch,
-            end_epoch,
-            self.frequency,
-            self.factor,
-        )
+        return wanted
 
     @property
     def layers(self) -> list[MaskedDense]:
@@ -178,12 +201,12 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 "keras_prune.make_prunable(model)."
             )
         epochs = (self.params or {}).get("epochs") or 1
-        self.active_schedule = self._resolve_schedule(epochs)
+        self.layer_schedules = self._resolve_schedules(epochs)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        target = self.active_schedule(epoch)
         for layer in self.layers:
-            self.prune_layer(layer, target)
+            if layer.name in self.layer_schedules:
+                self.prune_layer(layer, self.layer_schedules[layer.name](epoch))
 
     @staticmethod
     def prune_layer(layer: MaskedDense, sparsity: float) -> None:

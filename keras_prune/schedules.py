@@ -250,6 +250,58 @@ class ConstantSchedule(PruningSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_prune")
+class ListSchedule(PruningSchedule):
+    """Sparsities given one by one: cut `k` goes to `sparsities[k]`.
+
+    Cuts happen at `begin_step` and every `frequency` steps after it; after
+    the last value the schedule holds it. Use it to replay a ladder from a
+    paper, or to give layers hand-picked targets.
+
+    Args:
+        sparsities: Non-decreasing sparsities in [0, 1).
+        begin_step: Step of the first cut. Defaults to `0`.
+        frequency: Steps between cuts. Defaults to `1`.
+
+    Example:
+
+    >>> schedule = ListSchedule([0.5, 0.9], begin_step=1)
+    >>> [schedule(step) for step in range(4)]
+    [0.0, 0.5, 0.9, 0.9]
+    """
+
+    def __init__(
+        self, sparsities: list[float], begin_step: int = 0, frequency: int = 1
+    ):
+        if isinstance(sparsities, (str, bytes)) or not hasattr(sparsities, "__len__"):
+            raise ValueError(
+                "Expected `sparsities` to be a non-empty list of numbers. "
+                f"Received: sparsities={sparsities!r}"
+            )
+        values = [validate_sparsity(v, "sparsities") for v in sparsities]
+        if not values or values != sorted(values):
+            raise ValueError(
+                "Expected `sparsities` to be a non-empty, non-decreasing list. "
+                f"Received: sparsities={sparsities!r}"
+            )
+        self.sparsities = values
+        self.begin_step = validate_step(begin_step, "begin_step")
+        self.frequency = validate_step(frequency, "frequency", minimum=1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.begin_step:
+            return 0.0
+        cut = (step - self.begin_step) // self.frequency
+        return self.sparsities[min(cut, len(self.sparsities) - 1)]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "sparsities": list(self.sparsities),
+            "begin_step": self.begin_step,
+            "frequency": self.frequency,
+        }
+
+
 SCHEDULES = {
     "polynomial": PolynomialSchedule,
     "geometric": GeometricSchedule,

@@ -6,6 +6,7 @@ from keras import ops
 from keras_prune import (
     GeometricSchedule,
     IterativePruningCallback,
+    ListSchedule,
     MaskedDense,
     PruningSchedule,
 )
@@ -218,7 +219,8 @@ def test_end_epoch_past_the_fit_warns():
             {"final_sparsity": 0.5, "schedule": "cubic"},
             ValueError,
             r"Expected `schedule` to be one of \['constant', 'geometric', "
-            r"'polynomial'\] or a PruningSchedule object\. Received: schedule='cubic'",
+            r"'polynomial'\], a PruningSchedule object or a dict of them by layer "
+            r"name\. Received: schedule='cubic'",
         ),
         (
             {"final_sparsity": 0.5, "begin_epoch": -1},
@@ -271,3 +273,54 @@ def test_config_round_trips():
     )
     clone = IterativePruningCallback(**callback.get_config())
     assert clone.get_config() == callback.get_config()
+
+
+def test_per_layer_final_sparsity_dict():
+    model = small_model()
+    history = model.fit(
+        *data(),
+        epochs=3,
+        verbose=0,
+        callbacks=[IterativePruningCallback({"fc1": 0.9, "fc2": 0.5})],
+    )
+    assert model.get_layer("fc1").sparsity == pytest.approx(0.9)
+    assert model.get_layer("fc2").sparsity == pytest.approx(0.5)
+    assert history.history["sparsity/fc2"][-1] == pytest.approx(0.5)
+
+
+def test_per_layer_schedule_dict_prunes_only_named_layers():
+    model = small_model()
+    model.fit(
+        *data(),
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            IterativePruningCallback(schedule={"fc2": ListSchedule([0.2, 0.6])})
+        ],
+    )
+    assert model.get_layer("fc1").sparsity == 0.0
+    assert model.get_layer("fc2").sparsity == pytest.approx(0.6)
+
+
+def test_unknown_layer_names_fail_when_training_starts():
+    model = small_model()
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected the keys of `final_sparsity` or `schedule` to name "
+        r"MaskedDense layers of the model \(\['fc1', 'fc2'\]\)\. "
+        r"Received: \['fc3'\]$",
+    ):
+        model.fit(
+            *data(),
+            verbose=0,
+            callbacks=[IterativePruningCallback({"fc1": 0.5, "fc3": 0.5})],
+        )
+
+
+def test_bad_per_layer_final_names_the_layer():
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `final_sparsity\['fc2'\]` in \[0, 1\)\. "
+        r"Received: final_sparsity\['fc2'\]=2$",
+    ):
+        IterativePruningCallback({"fc1": 0.5, "fc2": 2})

@@ -5,6 +5,7 @@ import pytest
 from keras_prune.schedules import (
     ConstantSchedule,
     GeometricSchedule,
+    ListSchedule,
     PolynomialSchedule,
     PruningSchedule,
 )
@@ -67,8 +68,9 @@ def test_constant_cuts_once():
         PolynomialSchedule(0.95, begin_step=1, end_step=7, power=2, frequency=3),
         GeometricSchedule(0.9, begin_step=1, end_step=None, factor=0.5),
         ConstantSchedule(0.5, begin_step=3),
+        ListSchedule([0.1, 0.1, 0.7], begin_step=2, frequency=2),
     ],
-    ids=["polynomial", "geometric", "constant"],
+    ids=["polynomial", "geometric", "constant", "list"],
 )
 def test_schedules_round_trip_config_and_never_decrease(schedule):
     clone = type(schedule).from_config(schedule.get_config())
@@ -110,8 +112,33 @@ def test_schedules_round_trip_config_and_never_decrease(schedule):
             lambda: ConstantSchedule(0.5, begin_step=-1),
             r"Expected `begin_step` to be an integer >= 0\. Received: begin_step=-1",
         ),
+        (
+            lambda: ListSchedule([0.5, 0.4]),
+            r"Expected `sparsities` to be a non-empty, non-decreasing list\. "
+            r"Received: sparsities=\[0.5, 0.4\]",
+        ),
+        (
+            lambda: ListSchedule([]),
+            r"Expected `sparsities` to be a non-empty, non-decreasing list\. "
+            r"Received: sparsities=\[\]",
+        ),
+        (
+            lambda: ListSchedule([0.5, 1.0]),
+            r"Expected `sparsities` in \[0, 1\)\. Received: sparsities=1.0",
+        ),
     ],
-    ids=["final", "initial", "end", "frequency", "power", "factor", "begin"],
+    ids=[
+        "final",
+        "initial",
+        "end",
+        "frequency",
+        "power",
+        "factor",
+        "begin",
+        "list-decreasing",
+        "list-empty",
+        "list-value",
+    ],
 )
 def test_bad_schedule_arguments(make, message):
     with pytest.raises(ValueError, match="^" + message + "$"):
@@ -121,3 +148,18 @@ def test_bad_schedule_arguments(make, message):
 def test_base_schedule_must_be_subclassed():
     with pytest.raises(NotImplementedError, match=r"^PruningSchedule must implement"):
         PruningSchedule()(0)
+
+
+def test_list_schedule_replays_values_then_holds():
+    schedule = ListSchedule([0.3, 0.51, 0.657], begin_step=1, frequency=2)
+    assert [schedule(step) for step in range(9)] == [
+        0.0,
+        0.3,
+        0.3,
+        0.51,
+        0.51,
+        0.657,
+        0.657,
+        0.657,
+        0.657,
+    ]
