@@ -13,7 +13,7 @@ Example:
 0.75
 """
 
-from keras_prune.callbacks import IterativePruningCallback
+from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
 from keras_prune.convert import export_sparse, make_prunable
 from keras_prune.layers import MaskedDense, SparseDense, masked_layers
 from keras_prune.masks import magnitude_mask
@@ -29,6 +29,7 @@ from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "DropoutScalingCallback",
     "ConstantSchedule",
     "GeometricSchedule",
     "IterativePruningCallback",

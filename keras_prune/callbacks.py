@@ -9,7 +9,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_prune.layers import MaskedDense, masked_layers
+from keras_prune.layers import MaskedDense, masked_layers, walk_layers
 from keras_prune.masks import magnitude_mask, validate_sparsity
 from keras_prune.schedules import (
     SCHEDULES,
@@ -247,3 +247,86 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "frequency": self.frequency,
             "factor": self.factor,
         }
+
+
+class DropoutScalingCallback(keras.callbacks.Callback):
+    """Shrinks dropout as the layer it feeds is pruned (Han et al. 2015, eq. 2).
+
+    A pruned layer has fewer connections to regularise, so the dropout in
+    front of it should drop less: `rate = initial_rate * sqrt(kept)`, where
+    `kept` is the fraction of the layer's weights still alive. Place this
+    callback after `IterativePruningCallback` in `callbacks=[...]` so it sees
+    each epoch's new mask. A changed rate retraces the training function.
+
+    Args:
+        dropout_for: `{dropout layer name: MaskedDense layer name}`, pairing
+            each `Dropout` with the pruned layer whose inputs it drops.
+
+    Raises:
+        ValueError: If `dropout_for` is not a non-empty dict of names; at the
+            start of `fit`, if a name is not a `Dropout` or `MaskedDense` of
+            the model.
+
+    Example:
+
+    >>> callback = DropoutScalingCallback({"dropout": "fc2"})
+    >>> callback.dropout_for
+    {'dropout': 'fc2'}
+
+    Reference:
+        Han et al. 2015, arXiv:1506.02626, section 3.2.
+    """
+
+    def __init__(self, dropout_for: dict[str, str]):
+        super().__init__()
+        if (
+            not isinstance(dropout_for, dict)
+            or not dropout_for
+            or not all(
+                isinstance(k, str) and isinstance(v, str)
+                for k, v in dropout_for.items()
+            )
+        ):
+            raise ValueError(
+                "Expected `dropout_for` to be a non-empty dict of "
+                "{dropout layer name: MaskedDense layer name}. "
+                f"Received: dropout_for={dropout_for!r}"
+            )
+        self.dropout_for = dict(dropout_for)
+        self.initial_rates: dict[str, float] = {}
+
+    def _pairs(self) -> list[tuple[keras.layers.Dropout, MaskedDense]]:
+        by_name = {layer.name: layer for layer in walk_layers(self.model)}
+        pairs = []
+        for dropout_name, masked_name in self.dropout_for.items():
+            dropout, masked = by_name.get(dropout_name), by_name.get(masked_name)
+            if not isinstance(dropout, keras.layers.Dropout) or not isinstance(
+                masked, MaskedDense
+            ):
+                raise ValueError(
+                    "Expected `dropout_for` to pair Dropout layers with MaskedDense "
+                    f"layers of the model. Received: {dropout_name!r} -> "
+                    f"{masked_name!r}, a {type(dropout).__name__} and a "
+                    f"{type(masked).__name__}"
+                )
+            pairs.append((dropout, masked))
+        return pairs
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        for dropout, _ in self._pairs():
+            self.initial_rates.setdefault(dropout.name, dropout.rate)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        changed = False
+        for dropout, masked in self._pairs():
+            rate = self.initial_rates[dropout.name] * math.sqrt(1.0 - masked.sparsity)
+            if not math.isclose(rate, dropout.rate, rel_tol=1e-3):
+                dropout.rate = rate
+                changed = True
+        if changed:
+            self.model.make_train_function(force=True)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            for dropout, _ in self._pairs():
+                logs[f"dropout/{dropout.name}"] = dropout.rate

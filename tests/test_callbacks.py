@@ -4,6 +4,7 @@ import pytest
 from keras import ops
 
 from keras_prune import (
+    DropoutScalingCallback,
     GeometricSchedule,
     IterativePruningCallback,
     ListSchedule,
@@ -324,3 +325,66 @@ def test_bad_per_layer_final_names_the_layer():
         r"Received: final_sparsity\['fc2'\]=2$",
     ):
         IterativePruningCallback({"fc1": 0.5, "fc2": 2})
+
+
+def dropout_model():
+    model = keras.Sequential(
+        [
+            keras.Input((20,)),
+            MaskedDense(30, activation="relu", name="fc1"),
+            keras.layers.Dropout(0.5, name="drop"),
+            MaskedDense(5, name="fc2"),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    return model
+
+
+def test_dropout_follows_square_root_of_kept_fraction_and_retraces():
+    model = dropout_model()
+    functions = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            functions.append(self.model.train_function)
+
+    history = model.fit(
+        *data(),
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            IterativePruningCallback({"fc2": 0.84}, schedule="constant", begin_epoch=1),
+            DropoutScalingCallback({"drop": "fc2"}),
+            Spy(),
+        ],
+    )
+    # 126 of fc2's 150 weights cut: 0.5 * sqrt(24 / 150) = 0.2 from the cut on.
+    assert history.history["dropout/drop"] == pytest.approx([0.5, 0.2, 0.2])
+    assert model.get_layer("drop").rate == pytest.approx(0.2)
+    assert functions[0] is not functions[1]  # retraced once, at the cut
+    assert functions[1] is functions[2]
+
+
+def test_dropout_scaling_refuses_wrong_layers_at_fit():
+    model = dropout_model()
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `dropout_for` to pair Dropout layers with MaskedDense "
+        r"layers of the model\. Received: 'fc1' -> 'drop', a MaskedDense and a "
+        r"Dropout$",
+    ):
+        model.fit(
+            *data(), verbose=0, callbacks=[DropoutScalingCallback({"fc1": "drop"})]
+        )
+
+
+@pytest.mark.parametrize(
+    "value", [{}, ["drop"], {"drop": 3}], ids=["empty", "list", "int"]
+)
+def test_dropout_scaling_refuses_bad_mapping(value):
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `dropout_for` to be a non-empty dict of \{dropout layer "
+        r"name: MaskedDense layer name\}\. Received: dropout_for=",
+    ):
+        DropoutScalingCallback(value)
