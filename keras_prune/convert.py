@@ -29,10 +29,16 @@ def _check_model(model: Any, function: str) -> None:
 
 
 def _clone(
-    model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
+    model: keras.Model,
+    replace: Callable[[keras.layers.Layer], Any],
+    compiled: bool,
 ) -> keras.Model:
     """Clones `model`, building each layer with `replace(layer)` (or a plain
-    config copy when it returns `None`), then copies the weights across."""
+    config copy when it returns `None`), then copies the weights across.
+
+    `keras.models.clone_model` compiles the clone like `model`; with
+    `compiled=False` the result is rebuilt from its config, uncompiled, so
+    that no optimizer state goes into its files."""
     pairs = []
 
     def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -56,9 +62,11 @@ def _clone(
     for old, new in pairs:
         if old.built and old.weights:
             new.set_weights(old.get_weights())
-    if model.compiled:
-        clone.compile_from_config(model.get_compile_config())
-    return clone
+    if compiled or not clone.compiled:
+        return clone
+    plain = clone.__class__.from_config(clone.get_config())
+    plain.set_weights(clone.get_weights())
+    return plain
 
 
 def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
@@ -139,7 +147,7 @@ def make_prunable(model: keras.Model, layers: Any = None) -> keras.Model:
                 masked.bias.assign(layer.bias)
         return masked
 
-    return _clone(model, replace)
+    return _clone(model, replace, compiled=True)
 
 
 def export_sparse(model: keras.Model) -> keras.Model:
@@ -154,7 +162,9 @@ def export_sparse(model: keras.Model) -> keras.Model:
         model: A Sequential or Functional `keras.Model`.
 
     Returns:
-        A new `keras.Model`, ready for `save`, `export` or `predict`.
+        A new, uncompiled `keras.Model`, ready for `predict`, `save` and
+        `export` (no optimizer state goes into its files). Compile it to
+        `evaluate` or fine-tune it.
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
@@ -185,4 +195,4 @@ def export_sparse(model: keras.Model) -> keras.Model:
             dtype=config["dtype"],
         )
 
-    return _clone(model, replace)
+    return _clone(model, replace, compiled=False)

@@ -223,3 +223,13 @@ def test_sparse_keras_file_is_under_three_percent_of_dense_at_one_percent(tmp_pa
         tmp_path / "dense.keras"
     ).stat().st_size
     assert ratio <= 0.03, ratio
+
+
+def test_export_sparse_is_uncompiled_so_files_carry_no_optimizer_state(tmp_path):
+    masked = make_prunable(convnet())
+    assert masked.compiled
+    sparse = export_sparse(masked)
+    assert not sparse.compiled
+    sparse.save(tmp_path / "sparse.keras")
+    loaded = keras.models.load_model(tmp_path / "sparse.keras")
+    assert not loaded.compiled and getattr(loaded, "optimizer", None) is None

@@ -1,0 +1,1 @@
+"""Experiments built on keras_prune: the MNIST reproduction of the seed report."""

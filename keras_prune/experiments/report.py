@@ -1,0 +1,172 @@
+"""Renders an `MnistResult`: a markdown report, a CSV of rounds, a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from keras_prune.experiments.mnist import SEED_TABLE, SEED_TIMES, MnistResult
+
+
+def _seed_accuracy(kept: float) -> float | None:
+    """The seed's accuracy at the row nearest `kept` (within 10%), if any."""
+    for seed_kept, accuracy in SEED_TABLE:
+        if abs(seed_kept - kept) <= 0.1 * seed_kept:
+            return accuracy
+    return None
+
+
+def comparison_table(result: MnistResult) -> str:
+    """Markdown table: each round's kept fraction and accuracy beside the seed's."""
+    lines = [
+        "| round | kept (all Dense) | kept fc1 | kept fc2 | dropout | test accuracy "
+        "| seed report |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result.rounds:
+        seed = _seed_accuracy(row.kept)
+        lines.append(
+            f"| {row.round} | {row.kept:.4%} | {row.kept_fc1:.4%} | "
+            f"{row.kept_fc2:.2%} | {row.dropout:.3f} | {row.test_accuracy:.2%} | "
+            + (f"{seed:.1%}" if seed is not None else "")
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def deployment_table(result: MnistResult) -> str:
+    """Markdown table of `.keras` sizes and test-set inference times."""
+    lines = [
+        "| model | .keras size | vs dense | inference, 10k images | vs dense "
+        "| seed's time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("dense", "masked", "sparse"):
+        size, seconds = result.sizes[name], result.times[name]
+        lines.append(
+            f"| {name} | {size / 1e6:.2f} MB | {size / result.sizes['dense']:.1%} | "
+            f"{seconds * 1e3:.1f} ms | {result.times['dense'] / seconds:.2f}x | "
+            f"{SEED_TIMES[name] * 1e3:.0f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(result: MnistResult, path: str) -> None:
+    """Writes one row per round."""
+    fields = [field.name for field in dataclasses.fields(result.rounds[0])]
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        for row in result.rounds:
+            writer.writerow(dataclasses.asdict(row))
+
+
+def plot(result: MnistResult, path: str) -> None:
+    """Test accuracy against kept fraction (log x), ours beside the seed's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    seed_kept, seed_accuracy = zip(*SEED_TABLE, strict=True)
+    axes.plot(
+        seed_kept, seed_accuracy, "s--", color="tab:gray", label="seed report (2017)"
+    )
+    axes.plot(
+        [row.kept for row in result.rounds],
+        [row.test_accuracy for row in result.rounds],
+        "o-",
+        color="tab:blue",
+        label="keras_prune",
+    )
+    axes.set_xscale("log")
+    axes.invert_xaxis()
+    axes.set_xlabel("fraction of Dense weights kept (log scale)")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(
+        max(
+            0.0,
+            min(seed_accuracy + tuple(row.test_accuracy for row in result.rounds))
+            - 0.02,
+        ),
+        1.0,
+    )
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower left")
+    axes.set_title("MNIST convnet: iterative pruning of fc1 and fc2")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def write_report(result: MnistResult, folder: str) -> dict[str, str]:
+    """Writes `report.md`, `rounds.csv` and `accuracy_vs_kept.png` to `folder`.
+
+    Returns:
+        `{kind: path}` of the files written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    paths = {
+        "report": os.path.join(folder, "report.md"),
+        "csv": os.path.join(folder, "rounds.csv"),
+        "plot": os.path.join(folder, "accuracy_vs_kept.png"),
+    }
+    write_csv(result, paths["csv"])
+    plot(result, paths["plot"])
+    settings = "\n".join(
+        f"| `{key}` | {value} |"
+        for key, value in dataclasses.asdict(result.config).items()
+    )
+    versions = "\n".join(
+        f"| {key} | {value} |" for key, value in result.versions.items()
+    )
+    minutes = result.wall_seconds / 60
+    quick = (
+        "**Quick mode**: a subset of the data and one epoch per stage; the "
+        "accuracies are not comparable to the seed's."
+        if result.config.quick
+        else ""
+    )
+    text = f"""# MNIST iterative pruning: keras_prune vs the seed report
+
+Network: the TensorFlow-tutorial convnet of the seed report (conv 5x5x32, pool,
+conv 5x5x64, pool, fc1 3136x1024, dropout, fc2 1024x10). Only fc1 and fc2 are
+pruned; "kept" counts the weights of both. Wall time: {minutes:.1f} min.
+{quick}
+
+## Test accuracy after each round
+
+{comparison_table(result)}
+
+![test accuracy against kept fraction](accuracy_vs_kept.png)
+
+## Deployment
+
+The sparse model is `keras_prune.export_sparse(masked)`; its test accuracy is
+{result.sparse_accuracy:.2%}, and its logits differ from the masked model's by
+at most {result.max_difference:.2e}. Sizes are `.keras` files without optimizer
+state; times are medians of one compiled call on the whole test set.
+
+{deployment_table(result)}
+
+```
+{result.summary}
+```
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Versions
+
+| | |
+|---|---|
+{versions}
+"""
+    with open(paths["report"], "w") as file:
+        file.write(text)
+    return paths

@@ -1,0 +1,56 @@
+"""Side-by-side timing: interleaved repetitions, medians and ratios.
+
+Shared machines are noisy; timing candidates in turn, many times, and taking
+medians keeps a slow spell from landing on one candidate only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 2,
+    number: int = 1,
+) -> dict[str, float]:
+    """Times each candidate in turn, `repeats` rounds, and returns medians.
+
+    Args:
+        candidates: `{name: function}`; each function runs the work once and
+            must block until it is done (return a numpy value, for example).
+        repeats: Rounds of timing; each round times every candidate once.
+            Defaults to `20`.
+        warmup: Untimed calls of each candidate first (tracing, caches).
+            Defaults to `2`.
+        number: Calls per timing, to lift short calls above the clock's
+            resolution. Defaults to `1`.
+
+    Returns:
+        `{name: median seconds per call}`.
+
+    Example:
+
+    >>> times = time_interleaved({"a": lambda: sum(range(100))}, repeats=3)
+    >>> sorted(times) == ["a"] and times["a"] > 0
+    True
+    """
+    if repeats < 1 or number < 1:
+        raise ValueError(
+            "Expected `repeats` and `number` >= 1. "
+            f"Received: repeats={repeats}, number={number}"
+        )
+    for function in candidates.values():
+        for _ in range(warmup):
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, function in candidates.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                function()
+            samples[name].append((time.perf_counter() - start) / number)
+    return {name: statistics.median(values) for name, values in samples.items()}
