@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
+from keras_prune import sparse_ops
 from keras_prune.layers import MaskedDense, SparseDense, walk_layers
 
 # Dense arguments with no MaskedDense counterpart; a Dense that uses them is
@@ -150,16 +152,26 @@ def make_prunable(model: keras.Model, layers: Any = None) -> keras.Model:
     return _clone(model, replace, compiled=True)
 
 
-def export_sparse(model: keras.Model) -> keras.Model:
-    """Returns a copy of `model` in which every `MaskedDense` is a `SparseDense`.
+EXPORT_COMPUTE = ("auto", "dense", *sparse_ops.PATHS)
 
-    Each `SparseDense` holds only the nonzeros of `kernel * mask` and
-    computes with TensorFlow sparse kernels; every other layer keeps its
+
+def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
+    """Returns a copy of `model` with every `MaskedDense` made deployable.
+
+    A layer sparser than the crossover (`sparse_ops.DENSE_MIN_DENSITY` of its
+    weights kept, or fewer) becomes a `SparseDense` that holds only the
+    nonzeros of `kernel * mask` and multiplies with TensorFlow's sparse
+    kernels; a denser one becomes a plain `keras.layers.Dense` with the
+    masked kernel, since a dense matmul is faster there: an exported layer is
+    never slower than the `Dense` it replaces. Every other layer keeps its
     weights, so predictions equal the masked model's up to float32
     round-off. The input model is not changed.
 
     Args:
         model: A Sequential or Functional `keras.Model`.
+        compute: `"auto"` as above; `"coo"` or `"csr"` to make every masked
+            layer a `SparseDense` forced to that kernel; `"dense"` to make
+            every masked layer a `Dense`. Defaults to `"auto"`.
 
     Returns:
         A new, uncompiled `keras.Model`, ready for `predict`, `save` and
@@ -168,17 +180,26 @@ def export_sparse(model: keras.Model) -> keras.Model:
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
+        ValueError: If `compute` is not one of the above.
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((4,)), MaskedDense(2)])
+    >>> model = keras.Sequential([keras.Input((100,)), MaskedDense(2)])
+    >>> mask = np.zeros((100, 2))
+    >>> mask[:5] = 1
+    >>> model.layers[0].prune_to(mask)
     >>> sparse = export_sparse(model)
-    >>> type(sparse.layers[0]).__name__
-    'SparseDense'
+    >>> type(sparse.layers[0]).__name__, sparse.layers[0].nnz
+    ('SparseDense', 10)
     """
     _check_model(model, "export_sparse")
+    if compute not in EXPORT_COMPUTE:
+        raise ValueError(
+            f"Expected `compute` to be one of {list(EXPORT_COMPUTE)}. "
+            f"Received: compute={compute!r}"
+        )
 
-    def replace(layer: keras.layers.Layer) -> SparseDense | None:
+    def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
         if not isinstance(layer, MaskedDense):
             return None
         if not layer.built:
@@ -187,10 +208,29 @@ def export_sparse(model: keras.Model) -> keras.Model:
                 f"Received: layer {layer.name!r}, not built"
             )
         config = layer.get_config()
+        kernel = ops.convert_to_numpy(layer.masked_kernel)
+        bias = None if layer.bias is None else ops.convert_to_numpy(layer.bias)
+        density = np.count_nonzero(kernel) / kernel.size
+        if compute == "dense" or (
+            compute == "auto" and density > sparse_ops.DENSE_MIN_DENSITY
+        ):
+            dense = keras.layers.Dense(
+                layer.units,
+                activation=config["activation"],
+                use_bias=layer.use_bias,
+                name=config["name"],
+                dtype=config["dtype"],
+            )
+            dense.build((None, kernel.shape[0]))
+            dense.kernel.assign(kernel)
+            if bias is not None:
+                dense.bias.assign(bias)
+            return dense
         return SparseDense.from_kernel(
-            ops.convert_to_numpy(layer.masked_kernel),
-            bias=None if layer.bias is None else ops.convert_to_numpy(layer.bias),
+            kernel,
+            bias=bias,
             activation=config["activation"],
+            compute=compute,
             name=config["name"],
             dtype=config["dtype"],
         )

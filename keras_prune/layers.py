@@ -192,12 +192,22 @@ class MaskedDense(keras.layers.Layer):
 class SparseDense(keras.layers.Layer):
     """A `Dense` layer that stores and multiplies only its nonzero weights.
 
-    The kernel is held in compressed sparse row form over the output units:
-    `values` (the nonzeros, float), `indices` (their input feature, int32)
-    and `row_splits` (where each unit's nonzeros start, int32); no dense copy
-    exists. The layer computes `activation(inputs @ kernel + bias)` with
-    TensorFlow's sparse kernels, for inputs of any rank >= 2. It is usually
-    made by `export_sparse`, or from a dense kernel with `from_kernel`.
+    The layer computes `activation(inputs @ kernel + bias)`, for inputs of
+    any rank >= 2, with TensorFlow's sparse kernels. No dense copy of the
+    kernel exists: in memory it is `values` (the nonzeros) and `indices`
+    (int64 `(unit, input)` pairs, the form TensorFlow's kernels take); in a
+    `.keras` file it is compressed sparse rows with 16- or 32-bit columns, 6
+    bytes a nonzero. It is usually made by `export_sparse`, or from a dense
+    kernel with `from_kernel`.
+
+    Two kernels are available: `"coo"` (`tf.sparse.sparse_dense_matmul`,
+    cheapest per call, best for small batches) and `"csr"`
+    (`SparseMatrixMatMul`, multi-threaded, best for larger batches). With
+    `compute="auto"` the layer picks by batch size, at trace time when the
+    batch size is static; `layer.compute_path(batch_size)` says which.
+
+    XLA cannot compile TensorFlow's sparse ops, so the layer sets
+    `supports_jit = False`; Keras then runs the model without XLA.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -205,6 +215,7 @@ class SparseDense(keras.layers.Layer):
         activation: Activation function, or `None` for linear. Defaults to
             `None`.
         use_bias: Whether the layer adds a bias vector. Defaults to `True`.
+        compute: `"auto"`, `"coo"` or `"csr"`. Defaults to `"auto"`.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -218,6 +229,8 @@ class SparseDense(keras.layers.Layer):
     >>> layer = SparseDense.from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
     >>> layer(np.array([[1.0, 1.0]])).numpy()
     array([[3., 2.]], dtype=float32)
+    >>> layer.compute_path(batch_size=1)
+    'coo'
     """
 
     def __init__(
@@ -226,6 +239,7 @@ class SparseDense(keras.layers.Layer):
         nnz: int = 0,
         activation: Any = None,
         use_bias: bool = True,
+        compute: str = "auto",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -234,11 +248,18 @@ class SparseDense(keras.layers.Layer):
             raise ValueError(
                 f"Expected `nnz` to be an integer >= 0. Received: nnz={nnz!r}"
             )
+        if compute not in ("auto", *sparse_ops.PATHS):
+            raise ValueError(
+                f"Expected `compute` to be one of {['auto', *sparse_ops.PATHS]}. "
+                f"Received: compute={compute!r}"
+            )
         self.nnz = nnz
         self.activation = activations.get(activation)
         self.use_bias = use_bias
+        self.compute = compute
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+        self.supports_jit = False
 
     @classmethod
     def from_kernel(
@@ -255,7 +276,8 @@ class SparseDense(keras.layers.Layer):
             bias: A 1-D array of shape `(units,)`, or `None` for no bias.
                 Defaults to `None`.
             activation: Activation function. Defaults to `None`.
-            **kwargs: Base layer arguments, such as `name`.
+            **kwargs: Other `SparseDense` arguments, such as `compute` and
+                `name`.
 
         Returns:
             A built `SparseDense` layer.
@@ -272,7 +294,7 @@ class SparseDense(keras.layers.Layer):
                 "Expected `kernel` to be 2-D (input_dim, units). "
                 f"Received: kernel.shape={kernel.shape}"
             )
-        values, indices, row_splits = sparse_ops.csr_from_kernel(kernel)
+        values, indices = sparse_ops.coo_from_kernel(kernel)
         layer = cls(
             units=kernel.shape[1],
             nnz=int(values.size),
@@ -281,7 +303,8 @@ class SparseDense(keras.layers.Layer):
             **kwargs,
         )
         layer.build((None, kernel.shape[0]))
-        layer.set_sparse_kernel(values, indices, row_splits)
+        layer.values.assign(values)
+        layer.indices.assign(indices)
         if bias is not None:
             layer.bias.assign(np.asarray(bias))
         return layer
@@ -293,16 +316,9 @@ class SparseDense(keras.layers.Layer):
         )
         self.indices = self.add_weight(
             name="indices",
-            shape=(self.nnz,),
+            shape=(self.nnz, 2),
             initializer="zeros",
-            dtype="int32",
-            trainable=False,
-        )
-        self.row_splits = self.add_weight(
-            name="row_splits",
-            shape=(self.units + 1,),
-            initializer="zeros",
-            dtype="int32",
+            dtype="int64",
             trainable=False,
         )
         self.bias = (
@@ -312,31 +328,67 @@ class SparseDense(keras.layers.Layer):
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
-    def set_sparse_kernel(
-        self, values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray
-    ) -> None:
-        """Assigns a kernel given in the layer's CSR layout (see the class)."""
-        self.values.assign(values)
-        self.indices.assign(indices)
-        self.row_splits.assign(row_splits)
+    def save_own_variables(self, store: Any) -> None:
+        row_splits, columns = sparse_ops.compress(
+            ops.convert_to_numpy(self.indices), self.input_dim, self.units
+        )
+        store["values"] = ops.convert_to_numpy(self.values)
+        store["row_splits"] = row_splits
+        store["columns"] = columns
+        if self.bias is not None:
+            store["bias"] = ops.convert_to_numpy(self.bias)
+
+    def load_own_variables(self, store: Any) -> None:
+        expected = {"values", "row_splits", "columns"} | (
+            {"bias"} if self.use_bias else set()
+        )
+        if set(store.keys()) != expected:
+            raise ValueError(
+                f"Layer {self.name!r} expects the saved arrays {sorted(expected)}. "
+                f"Received: {sorted(store.keys())}"
+            )
+        self.values.assign(store["values"])
+        self.indices.assign(
+            sparse_ops.decompress(
+                np.asarray(store["row_splits"]), np.asarray(store["columns"])
+            )
+        )
+        if self.bias is not None:
+            self.bias.assign(store["bias"])
+
+    @property
+    def density(self) -> float:
+        """Fraction of the (virtual) dense kernel that is stored."""
+        return self.nnz / (self.input_dim * self.units)
 
     @property
     def sparsity(self) -> float:
         """Fraction of the (virtual) dense kernel that is zero."""
-        return 1.0 - self.nnz / (self.input_dim * self.units)
+        return 1.0 - self.density
+
+    def compute_path(self, batch_size: int) -> str:
+        """The kernel (`"coo"` or `"csr"`) a call with `batch_size` rows uses."""
+        if self.compute != "auto":
+            return self.compute
+        return sparse_ops.choose_path(batch_size)
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""
-        return sparse_ops.kernel_from_csr(
+        return sparse_ops.kernel_from_coo(
             ops.convert_to_numpy(self.values),
             ops.convert_to_numpy(self.indices),
-            ops.convert_to_numpy(self.row_splits),
             self.input_dim,
+            self.units,
         )
 
     def call(self, inputs: Any) -> Any:
         outputs = sparse_ops.sparse_matmul(
-            inputs, self.values, self.indices, self.row_splits, self.input_dim
+            inputs,
+            self.values,
+            self.indices,
+            self.input_dim,
+            self.units,
+            path=self.compute,
         )
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
@@ -354,6 +406,7 @@ class SparseDense(keras.layers.Layer):
             "nnz": self.nnz,
             "activation": activations.serialize(self.activation),
             "use_bias": self.use_bias,
+            "compute": self.compute,
         }
 
 

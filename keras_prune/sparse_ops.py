@@ -1,11 +1,17 @@
-"""Sparse kernel formats and the TensorFlow sparse matmul behind `SparseDense`.
+"""Sparse kernel formats and the TensorFlow sparse matmuls behind `SparseDense`.
 
-The stored format is compressed sparse rows over the *output units* of a
-Dense kernel `W` of shape `(input_dim, units)`, i.e. CSR of `W.T`:
-`values[row_splits[u]:row_splits[u + 1]]` are the nonzeros that feed unit
-`u`, and `indices[...]` their input features. Indices are int32, which
-stores a nonzero in 8 bytes instead of the 20 of float32 values with int64
-COO pairs.
+In memory a sparse kernel `W` of shape `(input_dim, units)` is held as COO
+pairs of its transpose, `indices[k] = (unit, input)` in row-major order with
+int64 entries, plus `values[k]`: exactly what TensorFlow's sparse kernels
+take, so nothing is rebuilt per call. On disk it is compressed sparse rows
+over the units: int32 `row_splits` and uint16 (or int32) `columns`, 6 bytes a
+nonzero with the float32 value instead of the 20 of int64 COO.
+
+Two kernels compute `x @ W`:
+- `"coo"`: `tf.sparse.sparse_dense_matmul`; lowest overhead, single-threaded,
+  the fastest for small batches.
+- `"csr"`: `SparseMatrixMatMul` on a CSR matrix made from the COO pairs at
+  each call; multi-threaded, the fastest for larger batches.
 """
 
 from __future__ import annotations
@@ -15,77 +21,167 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+PATHS = ("coo", "csr")
 
-def csr_from_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Splits a dense `(input_dim, units)` kernel into CSR arrays of its transpose.
+# Measured by benchmarks/sparse_dense.py on a 2-core CPU (TensorFlow 2.21):
+# COO beats CSR up to this batch size (CSR pays a per-call conversion).
+COO_MAX_BATCH = 8
+# Above this density a plain dense matmul is as fast as any sparse kernel at
+# every batch size, so `export_sparse` keeps such a layer as `Dense`.
+DENSE_MIN_DENSITY = 0.1
+
+
+def choose_path(batch_size: int) -> str:
+    """The sparse kernel for a call with `batch_size` rows (`"coo"` or `"csr"`).
+
+    Example:
+
+    >>> choose_path(1), choose_path(256)
+    ('coo', 'csr')
+    """
+    return "coo" if batch_size <= COO_MAX_BATCH else "csr"
+
+
+def coo_from_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns `(values, indices)`: the nonzeros of `kernel.T` in row-major order.
 
     Args:
-        kernel: A 2-D array.
+        kernel: A 2-D array of shape `(input_dim, units)`.
 
     Returns:
-        `(values, indices, row_splits)`: float values, int32 input indices
-        and int32 row splits of length `units + 1`.
+        `values`, shape `(nnz,)`, and `indices`, int64 `(nnz, 2)` pairs of
+        `(unit, input)`.
 
     Example:
 
-    >>> csr_from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
-    (array([3., 2.]), array([1, 0], dtype=int32), array([0, 1, 2], dtype=int32))
+    >>> values, indices = coo_from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
+    >>> values, indices.tolist()
+    (array([3., 2.]), [[0, 1], [1, 0]])
     """
     transposed = np.asarray(kernel).T
-    units, input_dim = transposed.shape
-    if max(units, input_dim, transposed.size) > np.iinfo(np.int32).max:
-        raise ValueError(
-            "Expected a kernel with fewer than 2**31 entries. "
-            f"Received: kernel.shape={kernel.shape}"
-        )
-    rows, cols = np.nonzero(transposed)
-    row_splits = np.zeros(units + 1, dtype=np.int32)
-    np.cumsum(np.bincount(rows, minlength=units), out=row_splits[1:])
-    return transposed[rows, cols], cols.astype(np.int32), row_splits
+    units, inputs = np.nonzero(transposed)
+    indices = np.stack([units, inputs], axis=1).astype(np.int64).reshape(-1, 2)
+    return transposed[units, inputs], indices
 
 
-def kernel_from_csr(
-    values: np.ndarray, indices: np.ndarray, row_splits: np.ndarray, input_dim: int
+def kernel_from_coo(
+    values: np.ndarray, indices: np.ndarray, input_dim: int, units: int
 ) -> np.ndarray:
-    """Rebuilds the dense `(input_dim, units)` kernel from its CSR arrays.
+    """Rebuilds the dense `(input_dim, units)` kernel from COO pairs of its
+    transpose.
 
     Example:
 
-    >>> kernel_from_csr(np.array([3.0, 2.0]), np.array([1, 0]), np.array([0, 1, 2]), 2)
+    >>> kernel_from_coo(np.array([3.0, 2.0]), np.array([[0, 1], [1, 0]]), 2, 2)
     array([[0., 2.],
            [3., 0.]])
     """
-    units = len(row_splits) - 1
     kernel = np.zeros((input_dim, units), dtype=np.asarray(values).dtype)
-    rows = np.repeat(np.arange(units), np.diff(row_splits))
-    kernel[indices, rows] = values
+    indices = np.asarray(indices).reshape(-1, 2)
+    kernel[indices[:, 1], indices[:, 0]] = values
     return kernel
 
 
-def sparse_matmul(
-    inputs: Any, values: Any, indices: Any, row_splits: Any, input_dim: int
-) -> tf.Tensor:
-    """Computes `inputs @ kernel` for a kernel given as CSR arrays of its transpose.
+def compress(
+    indices: np.ndarray, input_dim: int, units: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """COO pairs to `(row_splits, columns)`: CSR over units, for saving.
 
-    Inputs of any rank >= 2 are flattened to `(-1, input_dim)` and the
-    result is reshaped back to `(..., units)`.
+    `columns` is uint16 when `input_dim` allows it, else int32.
+
+    Example:
+
+    >>> compress(np.array([[0, 1], [1, 0]]), input_dim=2, units=3)
+    (array([0, 1, 2, 2], dtype=int32), array([1, 0], dtype=uint16))
+    """
+    if max(input_dim, units, len(indices)) > np.iinfo(np.int32).max:
+        raise ValueError(
+            "Expected a kernel with fewer than 2**31 rows, columns and nonzeros. "
+            f"Received: input_dim={input_dim}, units={units}, nnz={len(indices)}"
+        )
+    indices = np.asarray(indices).reshape(-1, 2)
+    row_splits = np.zeros(units + 1, dtype=np.int32)
+    np.cumsum(np.bincount(indices[:, 0], minlength=units), out=row_splits[1:])
+    column_dtype = np.uint16 if input_dim <= np.iinfo(np.uint16).max + 1 else np.int32
+    return row_splits, indices[:, 1].astype(column_dtype)
+
+
+def decompress(row_splits: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Inverse of `compress`: int64 COO pairs `(unit, input)`.
+
+    Example:
+
+    >>> decompress(np.array([0, 1, 2, 2]), np.array([1, 0])).tolist()
+    [[0, 1], [1, 0]]
+    """
+    units = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
+    return np.stack([units, np.asarray(columns)], axis=1).astype(np.int64)
+
+
+def _static_batch(flat: tf.Tensor) -> int | None:
+    return flat.shape[0]
+
+
+def sparse_matmul(
+    inputs: Any,
+    values: Any,
+    indices: Any,
+    input_dim: int,
+    units: int,
+    path: str = "auto",
+) -> tf.Tensor:
+    """Computes `inputs @ W` for `W` given as COO pairs of its transpose.
+
+    Inputs of any rank >= 2 are flattened to `(-1, input_dim)` and the result
+    is reshaped back to `(..., units)`.
+
+    Args:
+        inputs: Tensor `(..., input_dim)`.
+        values: Tensor `(nnz,)`.
+        indices: int64 tensor `(nnz, 2)` of `(unit, input)` pairs, row-major.
+        input_dim: Rows of `W`.
+        units: Columns of `W`.
+        path: `"coo"`, `"csr"`, or `"auto"` to choose by batch size (at trace
+            time when the batch is static, else at run time). Defaults to
+            `"auto"`.
 
     Example:
 
     >>> sparse_matmul(np.ones((1, 2), "float32"), np.array([3.0, 2.0], "float32"),
-    ...               np.array([1, 0]), np.array([0, 1, 2]), 2).numpy()
+    ...               np.array([[0, 1], [1, 0]]), 2, 2).numpy()
     array([[3., 2.]], dtype=float32)
     """
     inputs = tf.convert_to_tensor(inputs)
     values = tf.convert_to_tensor(values)
-    row_splits = tf.cast(row_splits, tf.int64)
-    units = tf.shape(row_splits, out_type=tf.int64)[0] - 1
-    rows = tf.repeat(tf.range(units), row_splits[1:] - row_splits[:-1])
-    coo = tf.stack([rows, tf.cast(indices, tf.int64)], axis=1)
-    transposed = tf.SparseTensor(coo, values, dense_shape=[units, input_dim])
     flat = tf.reshape(tf.cast(inputs, values.dtype), [-1, input_dim])
-    outputs = tf.transpose(
-        tf.sparse.sparse_dense_matmul(transposed, flat, adjoint_b=True)
-    )
-    out_shape = tf.concat([tf.shape(inputs)[:-1], [tf.cast(units, tf.int32)]], 0)
+    batch = _static_batch(flat)
+    if path == "auto" and batch is not None:
+        path = choose_path(batch)
+    if path == "coo":
+        outputs = _coo_matmul(flat, values, indices, input_dim, units)
+    elif path == "csr":
+        outputs = _csr_matmul(flat, values, indices, input_dim, units)
+    else:
+        outputs = tf.cond(
+            tf.shape(flat)[0] <= COO_MAX_BATCH,
+            lambda: _coo_matmul(flat, values, indices, input_dim, units),
+            lambda: _csr_matmul(flat, values, indices, input_dim, units),
+        )
+    out_shape = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)
     return tf.reshape(outputs, out_shape)
+
+
+def _coo_matmul(flat, values, indices, input_dim, units):
+    transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
+    return tf.transpose(tf.sparse.sparse_dense_matmul(transposed, flat, adjoint_b=True))
+
+
+def _csr_matmul(flat, values, indices, input_dim, units):
+    matrix = tf.raw_ops.SparseTensorToCSRSparseMatrix(
+        indices=indices,
+        values=values,
+        dense_shape=tf.constant([units, input_dim], tf.int64),
+    )
+    return tf.raw_ops.SparseMatrixMatMul(
+        a=matrix, b=flat, transpose_b=True, transpose_output=True
+    )

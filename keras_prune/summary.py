@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_prune import sparse_ops
 from keras_prune.layers import MaskedDense, SparseDense, walk_layers
 
 
@@ -20,6 +21,7 @@ class LayerSparsity:
     shape: tuple[int, ...]
     size: int
     nonzeros: int
+    compute: str
 
     @property
     def sparsity(self) -> float:
@@ -58,48 +60,44 @@ class SparsitySummary:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        header = ("layer", "type", "kernel shape", "size", "nonzeros", "sparsity")
-        lines = [
+        header = ("layer", "type", "kernel shape", "compute", "size", "nonzeros",
+                  "sparsity")  # fmt: skip
+        body = [
             (
                 r.name,
                 r.kind,
                 "x".join(map(str, r.shape)),
+                r.compute,
                 f"{r.size:,}",
                 f"{r.nonzeros:,}",
                 f"{r.sparsity:.2%}",
-            )
+            )  # fmt: skip
             for r in self.rows
         ]
-        lines.append(
-            (
-                "total",
-                "",
-                "",
-                f"{self.size:,}",
-                f"{self.nonzeros:,}",
-                f"{self.sparsity:.2%}",
-            )
-        )
-        widths = [max(len(row[i]) for row in [header, *lines]) for i in range(6)]
+        total = ("total", "", "", "", f"{self.size:,}", f"{self.nonzeros:,}",
+                 f"{self.sparsity:.2%}")  # fmt: skip
+        widths = [
+            max(map(len, column)) for column in zip(header, *body, total, strict=True)
+        ]
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [
-                cell.ljust(width) if i < 3 else cell.rjust(width)
+                cell.ljust(width) if i < 4 else cell.rjust(width)
                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))
             ]
             return "  ".join(cells).rstrip()
 
         rule = "  ".join("-" * width for width in widths)
-        return "\n".join(
-            [fmt(header), rule, *map(fmt, lines[:-1]), rule, fmt(lines[-1])]
-        )
+        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
 
 
 def sparsity_summary(model: keras.Model) -> SparsitySummary:
     """Counts the kernel weights and nonzeros of every Dense-like layer.
 
     `MaskedDense` counts the mask's ones, `SparseDense` its stored nonzeros,
-    and a plain `keras.layers.Dense` the nonzeros of its kernel.
+    and a plain `keras.layers.Dense` the nonzeros of its kernel. The
+    `compute` column says how each layer multiplies: `"dense"`, or the
+    sparse kernel a `SparseDense` uses (by batch size, with `"auto"`).
 
     Args:
         model: A built `keras.Model`.
@@ -111,11 +109,11 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
 
     >>> model = keras.Sequential([keras.Input((4,)), MaskedDense(2, name="fc")])
     >>> print(sparsity_summary(model))  # doctest: +NORMALIZE_WHITESPACE
-    layer  type         kernel shape  size  nonzeros  sparsity
-    -----  -----------  ------------  ----  --------  --------
-    fc     MaskedDense  4x2              8         8     0.00%
-    -----  -----------  ------------  ----  --------  --------
-    total                                8         8     0.00%
+    layer  type         kernel shape  compute  size  nonzeros  sparsity
+    -----  -----------  ------------  -------  ----  --------  --------
+    fc     MaskedDense  4x2           dense       8         8     0.00%
+    -----  -----------  ------------  -------  ----  --------  --------
+    total                                         8         8     0.00%
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
@@ -127,17 +125,29 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         if isinstance(layer, MaskedDense):
             shape = tuple(layer.mask.shape)
             nonzeros = int(np.count_nonzero(ops.convert_to_numpy(layer.mask)))
+            compute = "dense"
         elif isinstance(layer, SparseDense):
             shape = (layer.input_dim, layer.units)
             nonzeros = layer.nnz
+            compute = (
+                f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
+                if layer.compute == "auto"
+                else layer.compute
+            )
         elif isinstance(layer, keras.layers.Dense) and layer.built:
             shape = tuple(layer.kernel.shape)
             nonzeros = int(np.count_nonzero(ops.convert_to_numpy(layer.kernel)))
+            compute = "dense"
         else:
             continue
         rows.append(
             LayerSparsity(
-                layer.name, type(layer).__name__, shape, int(np.prod(shape)), nonzeros
+                layer.name,
+                type(layer).__name__,
+                shape,
+                int(np.prod(shape)),
+                nonzeros,
+                compute,
             )
         )
     return SparsitySummary(tuple(rows))

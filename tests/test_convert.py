@@ -145,16 +145,15 @@ def test_converters_refuse_non_models(function):
 # --- export_sparse -------------------------------------------------------
 
 
-def test_export_sparse_matches_masked_predictions_and_leaves_input_alone():
+@pytest.mark.parametrize("compute", ["auto", "coo", "csr", "dense"])
+def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute):
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.1)
     before = snapshot(masked)
-    sparse = export_sparse(masked)
+    sparse = export_sparse(masked, compute=compute)
     assert_unchanged(masked, before)
-    assert {type(layer).__name__ for layer in sparse.layers} >= {
-        "SparseDense",
-        "Conv2D",
-    }
+    kinds = {type(layer).__name__ for layer in sparse.layers}
+    assert ("SparseDense" in kinds) == (compute != "dense")
     assert not masked_layers(sparse)
     difference = np.abs(
         sparse.predict(images(), verbose=0) - masked.predict(images(), verbose=0)
@@ -170,7 +169,7 @@ def test_export_sparse_matches_masked_predictions_and_leaves_input_alone():
 
 def test_export_sparse_stores_exactly_the_nonzeros():
     masked = make_prunable(convnet())
-    prune_randomly(masked, density=0.2)
+    prune_randomly(masked, density=0.05)
     sparse = export_sparse(masked)
     for layer in masked_layers(masked):
         new = sparse.get_layer(layer.name)
@@ -189,7 +188,7 @@ def test_export_sparse_handles_nested_models():
     outputs = MaskedDense(2, name="outer_fc")(inner(inputs))
     model = keras.Model(inputs, outputs)
     prune_randomly(model, density=0.5)
-    sparse = export_sparse(model)
+    sparse = export_sparse(model, compute="coo")
     x = np.random.default_rng(0).normal(size=(5, 6)).astype("float32")
     np.testing.assert_allclose(
         sparse.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
@@ -233,3 +232,44 @@ def test_export_sparse_is_uncompiled_so_files_carry_no_optimizer_state(tmp_path)
     sparse.save(tmp_path / "sparse.keras")
     loaded = keras.models.load_model(tmp_path / "sparse.keras")
     assert not loaded.compiled and getattr(loaded, "optimizer", None) is None
+
+
+@pytest.mark.parametrize(
+    ("density", "expected"),
+    [(0.05, SparseDense), (0.1, SparseDense), (0.3, layers.Dense), (1.0, layers.Dense)],
+    ids=["5%", "10%", "30%", "100%"],
+)
+def test_export_keeps_layers_above_the_crossover_density_dense(density, expected):
+    model = keras.Sequential([keras.Input((50,)), MaskedDense(40, name="fc")])
+    mask = np.zeros((50, 40), "float32")
+    mask.reshape(-1)[: round(density * 2000)] = 1
+    model.layers[0].prune_to(mask)
+    exported = export_sparse(model)
+    assert type(exported.get_layer("fc")) is expected
+    x = np.random.default_rng(0).normal(size=(3, 50)).astype("float32")
+    np.testing.assert_allclose(
+        exported.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+def test_export_sparse_refuses_unknown_compute():
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `compute` to be one of \['auto', 'dense', 'coo', 'csr'\]\. "
+        r"Received: compute='fast'$",
+    ):
+        export_sparse(keras.Sequential([keras.Input((2,)), MaskedDense(1)]), "fast")
+
+
+def test_sparse_model_runs_when_jit_compile_is_requested():
+    model = keras.Sequential([keras.Input((6,)), MaskedDense(4)])
+    prune_randomly(model, density=0.05, seed=3)
+    sparse = export_sparse(model, compute="csr")
+    with pytest.warns(UserWarning, match="Model doesn't support `jit_compile=True`"):
+        sparse.compile(loss="mse", jit_compile=True)
+    x = np.ones((3, 6), "float32")
+    np.testing.assert_allclose(
+        sparse.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    sparse.compile(loss="mse")  # jit_compile="auto" resolves to False
+    assert sparse.jit_compile is False

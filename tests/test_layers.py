@@ -142,34 +142,54 @@ def test_sparse_dense_contract(tmp_path):
     layer = SparseDense.from_kernel(
         kernel, bias=np.ones(3), activation="tanh", name="sparse"
     )
-    # Trainable: values and bias; not trainable: indices and row_splits.
+    # Trainable: values and bias; not trainable: indices.
     run_layer_contract(
         layer,
         (4, 5),
         (4, 3),
         expected_trainable_weights=2,
-        expected_non_trainable_weights=2,
+        expected_non_trainable_weights=1,
         tmp_path=tmp_path,
     )
 
 
-def test_sparse_dense_holds_only_nonzeros_in_int32_csr():
+def test_sparse_dense_holds_only_nonzeros_as_coo_pairs_of_the_transpose():
     kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
     layer = SparseDense.from_kernel(kernel, bias=np.zeros(3))
     assert layer.nnz == 2
     assert {w.name: tuple(w.shape) for w in layer.weights} == {
         "values": (2,),
-        "indices": (2,),
-        "row_splits": (4,),
+        "indices": (2, 2),
         "bias": (3,),
     }
-    assert layer.indices.dtype == "int32" and layer.row_splits.dtype == "int32"
     # Unit 0 takes input 1 (3.0), unit 1 takes input 0 (2.0), unit 2 nothing.
     np.testing.assert_array_equal(to_numpy(layer.values), [3.0, 2.0])
-    np.testing.assert_array_equal(to_numpy(layer.indices), [1, 0])
-    np.testing.assert_array_equal(to_numpy(layer.row_splits), [0, 1, 2, 2])
+    np.testing.assert_array_equal(to_numpy(layer.indices), [[0, 1], [1, 0]])
     np.testing.assert_array_equal(layer.dense_kernel(), kernel)
     assert layer.sparsity == pytest.approx(4 / 6)
+
+
+def test_sparse_dense_saves_csr_with_16_bit_columns(tmp_path):
+    kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
+    model = keras.Sequential(
+        [keras.Input((2,)), SparseDense.from_kernel(kernel, name="sparse")]
+    )
+    model.save_weights(tmp_path / "sparse.weights.h5")
+    import h5py
+
+    arrays = {}
+
+    def collect(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name.split("/")[-1]] = item[()]
+
+    with h5py.File(tmp_path / "sparse.weights.h5") as file:
+        file.visititems(collect)
+    assert arrays["columns"].dtype == np.uint16
+    np.testing.assert_array_equal(arrays["columns"], [1, 0])
+    np.testing.assert_array_equal(arrays["row_splits"], [0, 1, 2, 2])
+    np.testing.assert_array_equal(arrays["values"], [3.0, 2.0])
+    assert "indices" not in arrays
 
 
 def random_sparse_kernel(shape, density, seed=0):

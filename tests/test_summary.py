@@ -14,25 +14,21 @@ def test_summary_counts_each_kind_of_dense_layer_by_hand():
     model.get_layer("masked").prune_to(np.eye(4, 5))  # 4 ones left
 
     summary = sparsity_summary(model)
-    assert [(r.name, r.kind, r.shape, r.size, r.nonzeros) for r in summary.rows] == [
-        ("masked", "MaskedDense", (4, 5), 20, 4),
-        ("sparse", "SparseDense", (5, 2), 10, 2),
-        ("plain", "Dense", (2, 3), 6, 6),
+    rows = [(r.name, r.kind, r.shape, r.size, r.nonzeros, r.compute)
+            for r in summary.rows]  # fmt: skip
+    assert rows == [
+        ("masked", "MaskedDense", (4, 5), 20, 4, "dense"),
+        ("sparse", "SparseDense", (5, 2), 10, 2, "coo to batch 8, then csr"),
+        ("plain", "Dense", (2, 3), 6, 6, "dense"),
     ]
     assert summary["masked"].sparsity == 0.8
     assert (summary.size, summary.nonzeros) == (36, 12)
     assert summary.sparsity == pytest.approx(2 / 3)
     table = str(summary).splitlines()
-    assert table[0].split() == [
-        "layer",
-        "type",
-        "kernel",
-        "shape",
-        "size",
-        "nonzeros",
-        "sparsity",
-    ]
-    assert table[2].split() == ["masked", "MaskedDense", "4x5", "20", "4", "80.00%"]
+    assert table[0].split() == ["layer", "type", "kernel", "shape", "compute",
+                                "size", "nonzeros", "sparsity"]  # fmt: skip
+    assert table[2].split() == ["masked", "MaskedDense", "4x5", "dense", "20", "4",
+                                "80.00%"]  # fmt: skip
     assert table[-1].split() == ["total", "36", "12", "66.67%"]
 
 
