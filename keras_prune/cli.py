@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     >>> main(["mnist", "--help"])  # doctest: +SKIP
     """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from keras_prune.experiments import mnist, report
 
     options = {k: v for k, v in vars(args).items() if k != "command"}
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     paths = report.write_report(result, config.out)
     print()
-    print(report.comparison_table(result))
+    print(report.comparison_table(result.rounds))
     print()
-    print(report.deployment_table(result))
+    print(report.deployment_table(result.sizes, result.times))
     print()
     print(
         f"Wall time {result.wall_seconds / 60:.1f} min. Wrote "

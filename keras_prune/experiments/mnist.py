@@ -227,45 +227,54 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
-    """Trains, prunes, exports and measures; returns every number.
+@dataclasses.dataclass
+class Data:
+    """Preprocessed MNIST arrays: images float32 `(n, 28, 28, 1)` in [0, 1]."""
 
-    Args:
-        config: The settings.
-        verbose: Keras `fit` verbosity (1 progress bars, 2 one line per
-            epoch, 0 silent). Defaults to `2`.
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
 
-    Returns:
-        A `MnistResult`.
 
-    Example:
-
-    >>> result = run(MnistConfig(data="mnist.npz", quick=True))  # doctest: +SKIP
-    >>> f"{result.rounds[-1].kept:.4%}"  # doctest: +SKIP
-    '0.1628%'
-    """
-    start = time.perf_counter()
-    config = config.resolved()
-    keras.utils.set_random_seed(config.seed)
+def prepare_data(config: MnistConfig) -> Data:
+    """Loads MNIST (see `load_mnist`) and keeps the configured subsets."""
     (x_train, y_train), (x_test, y_test) = load_mnist(config.data)
-    x_train, x_test = preprocess(x_train), preprocess(x_test)
-    x_train, y_train = x_train[: config.train_samples], y_train[: config.train_samples]
-    x_test, y_test = x_test[: config.test_samples], y_test[: config.test_samples]
+    return Data(
+        preprocess(x_train[: config.train_samples]),
+        y_train[: config.train_samples],
+        preprocess(x_test[: config.test_samples]),
+        y_test[: config.test_samples],
+    )
 
+
+def train_dense(
+    config: MnistConfig, data: Data, verbose: int = 2
+) -> tuple[keras.Model, Round]:
+    """Trains the seed convnet dense; returns it and its row 0 of the table."""
     dense = seed_convnet(config.dropout)
     _compile(dense, config.dense_lr)
     dense.fit(
-        x_train,
-        y_train,
+        data.x_train,
+        data.y_train,
         batch_size=config.batch_size,
         epochs=config.dense_epochs,
         verbose=verbose,
     )
-    dense_accuracy = dense.evaluate(x_test, y_test, batch_size=1000, verbose=0)[1]
-    rounds = [
-        Round(0, config.dense_epochs - 1, 1.0, 1.0, 1.0, config.dropout, dense_accuracy)
-    ]
+    accuracy = dense.evaluate(data.x_test, data.y_test, batch_size=1000, verbose=0)[1]
+    return dense, Round(0, config.dense_epochs - 1, 1.0, 1.0, 1.0, config.dropout,
+                        accuracy)  # fmt: skip
 
+
+def prune(
+    config: MnistConfig, dense: keras.Model, data: Data, verbose: int = 2
+) -> tuple[keras.Model, list[Round]]:
+    """Prunes fc1 and fc2 round by round; returns the masked model and rows.
+
+    Round `k` cuts the Dense layers to `factor ** k` of their weights (see
+    `split_ladder` for how fc1 and fc2 share them), then retrains
+    `epochs_per_round` epochs and evaluates on the test set.
+    """
     masked = kp.make_prunable(dense, layers=list(DENSE_LAYERS))
     _compile(masked, config.prune_lr)
     sizes = {
@@ -286,15 +295,17 @@ def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
     if config.scale_dropout:
         callbacks.insert(1, kp.DropoutScalingCallback({"dropout": "fc1"}))
     history = masked.fit(
-        x_train,
-        y_train,
+        data.x_train,
+        data.y_train,
         batch_size=config.batch_size,
         epochs=config.rounds * every,
-        validation_data=(x_test, y_test),
+        validation_data=(data.x_test, data.y_test),
         validation_freq=every,
         callbacks=callbacks,
         verbose=verbose,
     ).history
+    dropout = history.get("dropout/dropout", [config.dropout] * len(history["loss"]))
+    rounds = []
     for k, accuracy in enumerate(history["val_accuracy"], start=1):
         epoch = k * every - 1
         rounds.append(
@@ -304,38 +315,77 @@ def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
                 kept=ladder[k - 1],
                 kept_fc1=1.0 - history["sparsity/fc1"][epoch],
                 kept_fc2=1.0 - history["sparsity/fc2"][epoch],
-                dropout=history.get("dropout/dropout", [config.dropout] * (epoch + 1))[
-                    epoch
-                ],
+                dropout=dropout[epoch],
                 test_accuracy=accuracy,
             )
         )
+    return masked, rounds
 
+
+@dataclasses.dataclass
+class Deployment:
+    """The exported model and what it costs: file sizes and inference times."""
+
+    sparse: keras.Model
+    sizes: dict[str, int]
+    times: dict[str, float]
+    sparse_accuracy: float
+    max_difference: float
+
+
+def deploy(
+    config: MnistConfig, dense: keras.Model, masked: keras.Model, data: Data
+) -> Deployment:
+    """Exports the masked model sparse; measures sizes, accuracy and timing."""
     sparse = kp.export_sparse(masked)
-    masked_logits = masked.predict(x_test, batch_size=1000, verbose=0)
-    sparse_logits = sparse.predict(x_test, batch_size=1000, verbose=0)
+    masked_logits = masked.predict(data.x_test, batch_size=1000, verbose=0)
+    sparse_logits = sparse.predict(data.x_test, batch_size=1000, verbose=0)
+    models = {"dense": dense, "masked": masked, "sparse": sparse}
     with tempfile.TemporaryDirectory() as folder:
-        file_sizes = {
-            name: _file_size(model, folder, name)
-            for name, model in (
-                ("dense", dense),
-                ("masked", masked),
-                ("sparse", sparse),
-            )
+        sizes = {
+            name: _file_size(model, folder, name) for name, model in models.items()
         }
-    times = time_test_set(
-        {"dense": dense, "masked": masked, "sparse": sparse},
-        x_test,
-        repeats=3 if config.quick else 15,
+    return Deployment(
+        sparse=sparse,
+        sizes=sizes,
+        times=time_test_set(models, data.x_test, repeats=3 if config.quick else 15),
+        sparse_accuracy=float(np.mean(sparse_logits.argmax(1) == data.y_test)),
+        max_difference=float(np.abs(sparse_logits - masked_logits).max()),
     )
+
+
+def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
+    """Trains, prunes, exports and measures; returns every number.
+
+    Args:
+        config: The settings.
+        verbose: Keras `fit` verbosity (1 progress bars, 2 one line per
+            epoch, 0 silent). Defaults to `2`.
+
+    Returns:
+        A `MnistResult`.
+
+    Example:
+
+    >>> result = run(MnistConfig(data="mnist.npz", quick=True))  # doctest: +SKIP
+    >>> f"{result.rounds[-1].kept:.4%}"  # doctest: +SKIP
+    '0.1628%'
+    """
+    start = time.perf_counter()
+    config = config.resolved()
+    keras.utils.set_random_seed(config.seed)
+    data = prepare_data(config)
+    dense, dense_row = train_dense(config, data, verbose)
+    masked, rounds = prune(config, dense, data, verbose)
+    deployment = deploy(config, dense, masked, data)
     return MnistResult(
         config=config,
-        rounds=rounds,
-        sizes=file_sizes,
-        times=times,
-        sparse_accuracy=float(np.mean(sparse_logits.argmax(1) == y_test)),
-        max_difference=float(np.abs(sparse_logits - masked_logits).max()),
-        summary=str(kp.sparsity_summary(masked)),
+        rounds=[dense_row, *rounds],
+        sizes=deployment.sizes,
+        times=deployment.times,
+        sparse_accuracy=deployment.sparse_accuracy,
+        max_difference=deployment.max_difference,
+        summary=str(kp.sparsity_summary(deployment.sparse)),
         wall_seconds=time.perf_counter() - start,
         versions=versions(),
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+from typing import Any
 
-from keras_prune.experiments.mnist import SEED_TABLE, SEED_TIMES, MnistResult
+from keras_prune.experiments.mnist import SEED_TABLE, SEED_TIMES, MnistResult, Round
 
 
 def _seed_accuracy(kept: float) -> float | None:
@@ -17,14 +18,14 @@ def _seed_accuracy(kept: float) -> float | None:
     return None
 
 
-def comparison_table(result: MnistResult) -> str:
+def comparison_table(rounds: list[Round]) -> str:
     """Markdown table: each round's kept fraction and accuracy beside the seed's."""
     lines = [
         "| round | kept (all Dense) | kept fc1 | kept fc2 | dropout | test accuracy "
         "| seed report |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in result.rounds:
+    for row in rounds:
         seed = _seed_accuracy(row.kept)
         lines.append(
             f"| {row.round} | {row.kept:.4%} | {row.kept_fc1:.4%} | "
@@ -35,7 +36,7 @@ def comparison_table(result: MnistResult) -> str:
     return "\n".join(lines)
 
 
-def deployment_table(result: MnistResult) -> str:
+def deployment_table(sizes: dict[str, int], times: dict[str, float]) -> str:
     """Markdown table of `.keras` sizes and test-set inference times."""
     lines = [
         "| model | .keras size | vs dense | inference, 10k images | vs dense "
@@ -43,10 +44,10 @@ def deployment_table(result: MnistResult) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name in ("dense", "masked", "sparse"):
-        size, seconds = result.sizes[name], result.times[name]
+        size, seconds = sizes[name], times[name]
         lines.append(
-            f"| {name} | {size / 1e6:.2f} MB | {size / result.sizes['dense']:.1%} | "
-            f"{seconds * 1e3:.1f} ms | {result.times['dense'] / seconds:.2f}x | "
+            f"| {name} | {size / 1e6:.2f} MB | {size / sizes['dense']:.1%} | "
+            f"{seconds * 1e3:.1f} ms | {times['dense'] / seconds:.2f}x | "
             f"{SEED_TIMES[name] * 1e3:.0f} ms |"
         )
     return "\n".join(lines)
@@ -54,7 +55,7 @@ def deployment_table(result: MnistResult) -> str:
 
 def write_csv(result: MnistResult, path: str) -> None:
     """Writes one row per round."""
-    fields = [field.name for field in dataclasses.fields(result.rounds[0])]
+    fields = [field.name for field in dataclasses.fields(Round)]
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
         writer.writeheader()
@@ -62,11 +63,12 @@ def write_csv(result: MnistResult, path: str) -> None:
             writer.writerow(dataclasses.asdict(row))
 
 
-def plot(result: MnistResult, path: str) -> None:
-    """Test accuracy against kept fraction (log x), ours beside the seed's."""
-    import matplotlib
+def plot(rounds: list[Round], path: str | None = None) -> Any:
+    """Test accuracy against kept fraction (log x), ours beside the seed's.
 
-    matplotlib.use("Agg")
+    Saves the figure to `path` and closes it, or returns it if `path` is
+    `None` (for a notebook).
+    """
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -75,8 +77,8 @@ def plot(result: MnistResult, path: str) -> None:
         seed_kept, seed_accuracy, "s--", color="tab:gray", label="seed report (2017)"
     )
     axes.plot(
-        [row.kept for row in result.rounds],
-        [row.test_accuracy for row in result.rounds],
+        [row.kept for row in rounds],
+        [row.test_accuracy for row in rounds],
         "o-",
         color="tab:blue",
         label="keras_prune",
@@ -88,8 +90,7 @@ def plot(result: MnistResult, path: str) -> None:
     axes.set_ylim(
         max(
             0.0,
-            min(seed_accuracy + tuple(row.test_accuracy for row in result.rounds))
-            - 0.02,
+            min(seed_accuracy + tuple(row.test_accuracy for row in rounds)) - 0.02,
         ),
         1.0,
     )
@@ -97,8 +98,11 @@ def plot(result: MnistResult, path: str) -> None:
     axes.legend(loc="lower left")
     axes.set_title("MNIST convnet: iterative pruning of fc1 and fc2")
     figure.tight_layout()
+    if path is None:
+        return figure
     figure.savefig(path)
     plt.close(figure)
+    return None
 
 
 def write_report(result: MnistResult, folder: str) -> dict[str, str]:
@@ -114,7 +118,7 @@ def write_report(result: MnistResult, folder: str) -> dict[str, str]:
         "plot": os.path.join(folder, "accuracy_vs_kept.png"),
     }
     write_csv(result, paths["csv"])
-    plot(result, paths["plot"])
+    plot(result.rounds, paths["plot"])
     settings = "\n".join(
         f"| `{key}` | {value} |"
         for key, value in dataclasses.asdict(result.config).items()
@@ -138,7 +142,7 @@ pruned; "kept" counts the weights of both. Wall time: {minutes:.1f} min.
 
 ## Test accuracy after each round
 
-{comparison_table(result)}
+{comparison_table(result.rounds)}
 
 ![test accuracy against kept fraction](accuracy_vs_kept.png)
 
@@ -149,7 +153,7 @@ The sparse model is `keras_prune.export_sparse(masked)`; its test accuracy is
 at most {result.max_difference:.2e}. Sizes are `.keras` files without optimizer
 state; times are medians of one compiled call on the whole test set.
 
-{deployment_table(result)}
+{deployment_table(result.sizes, result.times)}
 
 ```
 {result.summary}

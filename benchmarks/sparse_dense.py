@@ -1,0 +1,271 @@
+"""Dense vs SparseDense, measured side by side in one process.
+
+Prints markdown tables of medians over interleaved repetitions:
+
+1. Layers: `Dense` against what `export_sparse` makes of it (`auto`), and
+   against `SparseDense` forced to each kernel (`coo`, `csr`), for the seed
+   network's fc1 (3136x1024), a LeNet-300 layer (784x300) and an output layer
+   (1024x10), at several densities and batch sizes. Two measures:
+   - op: the in-graph cost of one application, (chain of K - chain of 1) /
+     (K - 1), inside one compiled function; this cancels the fixed cost of
+     calling a tf.function.
+   - call: one call of a compiled one-layer model, as a Python user makes it.
+   Ratios are Dense time / sparse time (above 1: the sparse layer is faster).
+   scipy's CSR product and the FLOP bound (1 / density) are given for scale.
+2. The seed convnet on the 10,000 MNIST test images, dense vs exported at
+   99.77% Dense-layer sparsity, and the convolutional trunk alone (what
+   pruning the Dense layers cannot win).
+
+Run: python benchmarks/sparse_dense.py [--quick] [--data PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_prune as kp  # noqa: E402
+from keras_prune import sparse_ops  # noqa: E402
+from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
+from keras_prune.timing import time_interleaved  # noqa: E402
+
+SHAPES = ((3136, 1024), (784, 300), (1024, 10))
+DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0023)
+BATCHES = (1, 32, 256)
+CHAIN = 10
+
+
+def masked_layer_model(shape, density, seed=0):
+    """A one-layer model with a MaskedDense pruned at random to `density`."""
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential([keras.Input((shape[0],)), kp.MaskedDense(shape[1])])
+    mask = np.zeros(shape[0] * shape[1], "float32")
+    mask[rng.choice(mask.size, max(1, round(density * mask.size)), replace=False)] = 1
+    model.layers[0].prune_to(mask.reshape(shape))
+    return model
+
+
+def op_function(layer, k):
+    """A compiled chain of `k` dependent applications of `layer`."""
+
+    @tf.function
+    def chain(*inputs):
+        outputs = None
+        for x in inputs:
+            if outputs is not None:
+                with tf.control_dependencies([outputs]):
+                    x = tf.identity(x)
+            outputs = layer(x)
+        return outputs
+
+    return chain
+
+
+def measure_layers(shapes, densities, batches, repeats):
+    rng = np.random.default_rng(1)
+    rows = []
+    for shape in shapes:
+        for density in densities:
+            masked = masked_layer_model(shape, density)
+            candidates = {
+                "dense": kp.export_sparse(masked, compute="dense"),
+                "auto": kp.export_sparse(masked),
+                "coo": kp.export_sparse(masked, compute="coo"),
+                "csr": kp.export_sparse(masked, compute="csr"),
+            }
+            kernel = keras.ops.convert_to_numpy(masked.layers[0].masked_kernel)
+            for batch in batches:
+                inputs = [
+                    tf.constant(rng.normal(size=(batch, shape[0])).astype("float32"))
+                    for _ in range(CHAIN)
+                ]
+                timers = {}
+                for name, model in candidates.items():
+                    long, short = op_function(model, CHAIN), op_function(model, 1)
+                    call = tf.function(model)
+                    timers[f"{name}/long"] = lambda f=long: f(*inputs).numpy()
+                    timers[f"{name}/short"] = lambda f=short: f(inputs[0]).numpy()
+                    timers[f"{name}/call"] = lambda f=call: f(inputs[0]).numpy()
+                scipy_product = scipy_reference(kernel, inputs[0].numpy())
+                if scipy_product is not None:
+                    timers["scipy"] = scipy_product
+                times = time_interleaved(timers, repeats=repeats, warmup=2)
+                row = {
+                    "shape": shape,
+                    "density": density,
+                    "batch": batch,
+                    "scipy": times.get("scipy"),
+                    "auto_kind": type(candidates["auto"].layers[0]).__name__,
+                }
+                for name in candidates:
+                    row[f"{name}/op"] = max(
+                        (times[f"{name}/long"] - times[f"{name}/short"]) / (CHAIN - 1),
+                        1e-7,
+                    )
+                    row[f"{name}/call"] = times[f"{name}/call"]
+                rows.append(row)
+                print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return rows
+
+
+def scipy_reference(kernel, x):
+    try:
+        import scipy.sparse
+    except ImportError:
+        return None
+    transposed = scipy.sparse.csr_matrix(kernel.T)
+    x_t = np.ascontiguousarray(x.T)
+    return lambda: transposed @ x_t
+
+
+def layer_tables(rows):
+    header = (
+        "| layer | density | batch | Dense op | auto op | ratio | coo | csr | "
+        "Dense call | auto call | ratio | coo | csr | scipy | vs scipy | "
+        "FLOP bound |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|---:|---:|---:|"
+    )
+    lines = [header]
+    for row in rows:
+        dense_op, dense_call = row["dense/op"], row["dense/call"]
+        scipy_time = row["scipy"]
+        auto = "(Dense)" if row["auto_kind"] == "Dense" else ""
+        lines.append(
+            f"| {row['shape'][0]}x{row['shape'][1]} {auto} | {row['density']:g} | "
+            f"{row['batch']} | {ms(dense_op)} | {ms(row['auto/op'])} | "
+            f"**{dense_op / row['auto/op']:.2f}x** | "
+            f"{dense_op / row['coo/op']:.2f}x | {dense_op / row['csr/op']:.2f}x | "
+            f"{ms(dense_call)} | {ms(row['auto/call'])} | "
+            f"**{dense_call / row['auto/call']:.2f}x** | "
+            f"{dense_call / row['coo/call']:.2f}x | "
+            f"{dense_call / row['csr/call']:.2f}x | "
+            + (
+                f"{ms(scipy_time)} | {scipy_time / row['auto/op']:.2f}x | "
+                if scipy_time is not None
+                else "n/a | n/a | "
+            )
+            + f"{1 / row['density']:.0f}x |"
+        )
+    return "\n".join(lines)
+
+
+def ms(seconds):
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def measure_convnet(images, sparsity, repeats):
+    """Whole seed convnet on `images`: dense vs exported, and the conv trunk."""
+    dense = seed_convnet()
+    masked = kp.make_prunable(dense, layers=["fc1", "fc2"])
+    rng = np.random.default_rng(0)
+    for layer in kp.masked_layers(masked):
+        size = int(np.prod(layer.mask.shape))
+        mask = np.zeros(size, "float32")
+        mask[rng.choice(size, round((1 - sparsity) * size), replace=False)] = 1
+        layer.prune_to(mask.reshape(layer.mask.shape))
+    sparse = kp.export_sparse(masked)
+    trunk = keras.Model(dense.inputs, dense.get_layer("flatten").output)
+    x = tf.constant(images)
+    functions = {
+        name: tf.function(model)
+        for name, model in (("dense", dense), ("sparse", sparse), ("trunk", trunk))
+    }
+    timers = {
+        f"{name} call": (lambda f=f: f(x).numpy()) for name, f in functions.items()
+    }
+    timers["dense predict"] = lambda: dense.predict(images, batch_size=1000, verbose=0)
+    timers["sparse predict"] = lambda: sparse.predict(
+        images, batch_size=1000, verbose=0
+    )
+    times = time_interleaved(timers, repeats=repeats, warmup=2)
+    difference = np.abs(functions["sparse"](x).numpy() - masked(x).numpy()).max()
+    return times, difference
+
+
+def convnet_table(times, images, difference):
+    dense, sparse, trunk = (times[f"{n} call"] for n in ("dense", "sparse", "trunk"))
+    dense_part = dense - trunk
+    return "\n".join(
+        [
+            f"Seed convnet, {len(images):,} images, fc1 and fc2 at 99.77% sparsity "
+            f"(max |sparse - masked| logit difference {difference:.1e}):",
+            "",
+            "| measure | dense | exported sparse | ratio |",
+            "|---|---:|---:|---:|",
+            f"| one compiled call on all images | {ms(dense)} | {ms(sparse)} | "
+            f"**{dense / sparse:.2f}x** |",
+            f"| `predict(batch_size=1000)` | {ms(times['dense predict'])} | "
+            f"{ms(times['sparse predict'])} | "
+            f"**{times['dense predict'] / times['sparse predict']:.2f}x** |",
+            "",
+            f"The convolutional trunk alone takes {ms(trunk)}: the Dense layers are "
+            f"{dense_part / dense:.0%} of the dense model's time ({ms(dense_part)}); "
+            f"the sparse Dense layers take {ms(max(sparse - trunk, 0))}, so "
+            f"{max(sparse - trunk, 0) / dense:.1%} of the dense model's time is left "
+            "to win by pruning; the rest is convolution.",
+        ]
+    )
+
+
+def environment():
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
+        f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
+        f"Keras {keras.__version__}, keras_prune {kp.__version__}; "
+        f"COO up to batch {sparse_ops.COO_MAX_BATCH}, dense above density "
+        f"{sparse_ops.DENSE_MIN_DENSITY}"
+    )
+
+
+def load_images(path, count):
+    if path and os.path.isfile(path):
+        with np.load(path) as arrays:
+            return (arrays["x_test"][:count, ..., None] / 255.0).astype("float32")
+    return np.random.default_rng(0).random((count, 28, 28, 1), dtype="float32")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one small layer and few repetitions (a smoke test)",
+    )
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--data",
+        default=os.path.join(
+            os.path.dirname(__file__), "..", "..", "shared", "data", "mnist.npz"
+        ),
+        help="MNIST npz for the convnet images (random images if missing)",
+    )
+    args = parser.parse_args(argv)
+    keras.utils.set_random_seed(0)
+    if args.quick:
+        shapes, densities, batches = ((64, 32),), (1.0, 0.01), (1, 32)
+        repeats, image_count = args.repeats or 3, 256
+    else:
+        shapes, densities, batches = SHAPES, DENSITIES, BATCHES
+        repeats, image_count = args.repeats or 15, 10_000
+    print(f"# SparseDense benchmark\n\n{environment()}\n")
+    print(
+        "## Layers (Dense time / sparse time; **auto** is what export_sparse makes)\n"
+    )
+    print(layer_tables(measure_layers(shapes, densities, batches, repeats)))
+    images = load_images(args.data, image_count)
+    times, difference = measure_convnet(images, 0.9977, max(3, repeats // 3))
+    print("\n## Whole model\n")
+    print(convnet_table(times, images, difference))
+
+
+if __name__ == "__main__":
+    main()
