@@ -91,9 +91,9 @@ def measure_layers(shapes, densities, batches, repeats):
                 for name, model in candidates.items():
                     long, short = op_function(model, CHAIN), op_function(model, 1)
                     call = tf.function(model)
-                    timers[f"{name}/long"] = lambda f=long: f(*inputs).numpy()
-                    timers[f"{name}/short"] = lambda f=short: f(inputs[0]).numpy()
-                    timers[f"{name}/call"] = lambda f=call: f(inputs[0]).numpy()
+                    timers[f"{name}/long"] = lambda f=long, xs=inputs: f(*xs).numpy()
+                    timers[f"{name}/short"] = lambda f=short, x=inputs[0]: f(x).numpy()
+                    timers[f"{name}/call"] = lambda f=call, x=inputs[0]: f(x).numpy()
                 scipy_product = scipy_reference(kernel, inputs[0].numpy())
                 if scipy_product is not None:
                     timers["scipy"] = scipy_product
