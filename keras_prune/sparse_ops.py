@@ -23,9 +23,14 @@ import tensorflow as tf
 
 PATHS = ("coo", "csr")
 
-# Measured by benchmarks/sparse_dense.py on a 2-core CPU (TensorFlow 2.21):
-# COO beats CSR up to this batch size (CSR pays a per-call conversion).
-COO_MAX_BATCH = 8
+# Measured by benchmarks/sparse_dense.py on a 2-core CPU (TensorFlow 2.21),
+# 3136x1024 at 1% and 0.23% density: COO's matrix-vector product is the
+# fastest for up to this many rows, each row a separate op so that the cores
+# share them; above it CSR wins (it pays a per-call conversion, ~3 ns a
+# nonzero, and the transposes of its operands).
+COO_MAX_BATCH = 4
+# CSR splits batches this large in two halves that run on both cores.
+CSR_SPLIT_BATCH = 128
 # Above this density a plain dense matmul is as fast as any sparse kernel at
 # every batch size, so `export_sparse` keeps such a layer as `Dense`.
 DENSE_MIN_DENSITY = 0.1
@@ -118,10 +123,6 @@ def decompress(row_splits: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return np.stack([units, np.asarray(columns)], axis=1).astype(np.int64)
 
 
-def _static_batch(flat: tf.Tensor) -> int | None:
-    return flat.shape[0]
-
-
 def sparse_matmul(
     inputs: Any,
     values: Any,
@@ -142,8 +143,8 @@ def sparse_matmul(
         input_dim: Rows of `W`.
         units: Columns of `W`.
         path: `"coo"`, `"csr"`, or `"auto"` to choose by batch size (at trace
-            time when the batch is static, else at run time). Defaults to
-            `"auto"`.
+            time when the batch size is static, else at run time). Defaults
+            to `"auto"`.
 
     Example:
 
@@ -153,35 +154,57 @@ def sparse_matmul(
     """
     inputs = tf.convert_to_tensor(inputs)
     values = tf.convert_to_tensor(values)
-    flat = tf.reshape(tf.cast(inputs, values.dtype), [-1, input_dim])
-    batch = _static_batch(flat)
+    flat = tf.cast(inputs, values.dtype)
+    if inputs.shape.rank != 2:
+        flat = tf.reshape(flat, [-1, input_dim])
+    transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
+    batch = flat.shape[0]
     if path == "auto" and batch is not None:
         path = choose_path(batch)
     if path == "coo":
-        outputs = _coo_matmul(flat, values, indices, input_dim, units)
+        outputs = _coo_matmul(flat, transposed, batch)
     elif path == "csr":
-        outputs = _csr_matmul(flat, values, indices, input_dim, units)
+        outputs = _csr_matmul(flat, transposed, batch)
     else:
         outputs = tf.cond(
             tf.shape(flat)[0] <= COO_MAX_BATCH,
-            lambda: _coo_matmul(flat, values, indices, input_dim, units),
-            lambda: _csr_matmul(flat, values, indices, input_dim, units),
+            lambda: _coo_matmul(flat, transposed, None),
+            lambda: _csr_matmul(flat, transposed, None),
         )
+    if inputs.shape.rank == 2:
+        return outputs
     out_shape = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)
     return tf.reshape(outputs, out_shape)
 
 
-def _coo_matmul(flat, values, indices, input_dim, units):
-    transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
-    return tf.transpose(tf.sparse.sparse_dense_matmul(transposed, flat, adjoint_b=True))
+def _coo_matmul(
+    flat: tf.Tensor, transposed: tf.SparseTensor, batch: int | None
+) -> tf.Tensor:
+    """`flat @ W` as `(W.T @ flat.T).T`; small static batches row by row."""
+    if batch is not None and 1 < batch <= COO_MAX_BATCH:
+        rows = tf.split(flat, batch, axis=0)
+        return tf.concat([_coo_matmul(row, transposed, 1) for row in rows], 0)
+    product = tf.sparse.sparse_dense_matmul(transposed, tf.transpose(flat))
+    return tf.transpose(product)
 
 
-def _csr_matmul(flat, values, indices, input_dim, units):
+def _csr_matmul(
+    flat: tf.Tensor, transposed: tf.SparseTensor, batch: int | None
+) -> tf.Tensor:
+    """`flat @ W` with CSR `SparseMatrixMatMul`; large static batches in two
+    halves, one per core."""
     matrix = tf.raw_ops.SparseTensorToCSRSparseMatrix(
-        indices=indices,
-        values=values,
-        dense_shape=tf.constant([units, input_dim], tf.int64),
+        indices=transposed.indices,
+        values=transposed.values,
+        dense_shape=transposed.dense_shape,
     )
-    return tf.raw_ops.SparseMatrixMatMul(
-        a=matrix, b=flat, transpose_b=True, transpose_output=True
+    halves = (
+        tf.split(flat, 2, axis=0)
+        if batch is not None and batch >= CSR_SPLIT_BATCH and batch % 2 == 0
+        else [flat]
     )
+    products = [
+        tf.transpose(tf.raw_ops.SparseMatrixMatMul(a=matrix, b=tf.transpose(half)))
+        for half in halves
+    ]
+    return products[0] if len(products) == 1 else tf.concat(products, 0)

@@ -213,14 +213,19 @@ def edge_kernels():
     }
 
 
+@pytest.mark.parametrize("compute", ["auto", "coo", "csr"])
 @pytest.mark.parametrize("name", list(edge_kernels()))
 @pytest.mark.parametrize(
-    "input_shape", [(1,), (9,), (2, 3)], ids=["batch-1", "batch-9", "rank-3"]
+    "input_shape",
+    [(1,), (3,), (9,), (130,), (2, 3)],
+    ids=["batch-1", "batch-3", "batch-9", "batch-130", "rank-3"],
 )
-def test_sparse_dense_matches_numpy_on_edge_cases(name, input_shape):
+def test_sparse_dense_matches_numpy_on_edge_cases(compute, name, input_shape):
     kernel = edge_kernels()[name]
     bias = np.arange(kernel.shape[1], dtype="float32")
-    layer = SparseDense.from_kernel(kernel, bias=bias, activation="relu")
+    layer = SparseDense.from_kernel(
+        kernel, bias=bias, activation="relu", compute=compute
+    )
     x = (
         np.random.default_rng(1)
         .normal(size=(*input_shape, kernel.shape[0]))
@@ -244,3 +249,31 @@ def test_sparse_dense_rejects_negative_nnz():
         ValueError, match=r"^Expected `nnz` to be an integer >= 0\. Received: nnz=-1$"
     ):
         SparseDense(3, nnz=-1)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 5, 64])
+def test_sparse_dense_chooses_its_kernel_at_run_time_for_unknown_batches(batch):
+    import tensorflow as tf
+
+    kernel = random_sparse_kernel((12, 7), 0.3)
+    layer = SparseDense.from_kernel(kernel)
+    serve = tf.function(layer, input_signature=[tf.TensorSpec([None, 12])])
+    x = np.random.default_rng(2).normal(size=(batch, 12)).astype("float32")
+    np.testing.assert_allclose(serve(x).numpy(), x @ kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_compute_path_follows_batch_size_unless_forced():
+    layer = SparseDense.from_kernel(np.eye(4))
+    assert [layer.compute_path(b) for b in (1, 4, 5, 256)] == [
+        "coo", "coo", "csr", "csr"]  # fmt: skip
+    forced = SparseDense.from_kernel(np.eye(4), compute="csr")
+    assert forced.compute_path(1) == "csr"
+
+
+def test_sparse_dense_refuses_unknown_compute():
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `compute` to be one of \['auto', 'coo', 'csr'\]\. "
+        r"Received: compute='gpu'$",
+    ):
+        SparseDense(3, compute="gpu")
