@@ -158,12 +158,14 @@ EXPORT_COMPUTE = ("auto", "dense", *sparse_ops.PATHS)
 def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     """Returns a copy of `model` with every `MaskedDense` made deployable.
 
-    A layer sparser than the crossover (`sparse_ops.DENSE_MIN_DENSITY` of its
-    weights kept, or fewer) becomes a `SparseDense` that holds only the
-    nonzeros of `kernel * mask` and multiplies with TensorFlow's sparse
-    kernels; a denser one becomes a plain `keras.layers.Dense` with the
-    masked kernel, since a dense matmul is faster there: an exported layer is
-    never slower than the `Dense` it replaces. Every other layer keeps its
+    A layer sparse and large enough for the sparse kernels to pay off (at
+    most `sparse_ops.DENSE_MIN_DENSITY` of its weights kept, and at least
+    `sparse_ops.SPARSE_MIN_WEIGHTS` weights) becomes a `SparseDense` that
+    holds only the nonzeros of `kernel * mask` and multiplies with
+    TensorFlow's sparse kernels; any other becomes a plain
+    `keras.layers.Dense` with the masked kernel, since a dense matmul is as
+    fast there: an exported layer is never slower than the `Dense` it
+    replaces. Every other layer keeps its
     weights, so predictions equal the masked model's up to float32
     round-off. The input model is not changed.
 
@@ -188,7 +190,9 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     >>> mask = np.zeros((100, 2))
     >>> mask[:5] = 1
     >>> model.layers[0].prune_to(mask)
-    >>> sparse = export_sparse(model)
+    >>> type(export_sparse(model).layers[0]).__name__  # too small to gain
+    'Dense'
+    >>> sparse = export_sparse(model, compute="coo")
     >>> type(sparse.layers[0]).__name__, sparse.layers[0].nnz
     ('SparseDense', 10)
     """
@@ -212,7 +216,11 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         bias = None if layer.bias is None else ops.convert_to_numpy(layer.bias)
         density = np.count_nonzero(kernel) / kernel.size
         if compute == "dense" or (
-            compute == "auto" and density > sparse_ops.DENSE_MIN_DENSITY
+            compute == "auto"
+            and (
+                density > sparse_ops.DENSE_MIN_DENSITY
+                or kernel.size < sparse_ops.SPARSE_MIN_WEIGHTS
+            )
         ):
             dense = keras.layers.Dense(
                 layer.units,

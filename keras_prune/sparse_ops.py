@@ -31,9 +31,13 @@ PATHS = ("coo", "csr")
 COO_MAX_BATCH = 4
 # CSR splits batches this large in two halves that run on both cores.
 CSR_SPLIT_BATCH = 128
-# Above this density a plain dense matmul is as fast as any sparse kernel at
-# every batch size, so `export_sparse` keeps such a layer as `Dense`.
-DENSE_MIN_DENSITY = 0.1
+# `export_sparse` keeps a layer `Dense` above this density, where a dense
+# matmul is as fast as the sparse kernels at some batch size (3136x1024: at
+# 10% CSR is 0.8x of Dense, at 5% 1.3x), and below this many weights, where
+# the sparse kernels' fixed cost per call (~30 us) eats what they save
+# (784x300 at 0.23% density: 0.9x at batch 32).
+DENSE_MIN_DENSITY = 0.05
+SPARSE_MIN_WEIGHTS = 1_000_000
 
 
 def choose_path(batch_size: int) -> str:
