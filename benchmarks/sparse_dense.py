@@ -261,7 +261,7 @@ def main(argv=None):
         repeats, image_count = args.repeats or 3, 256
     else:
         shapes, densities, batches = SHAPES, DENSITIES, BATCHES
-        repeats, image_count = args.repeats or 15, 10_000
+        repeats, image_count = args.repeats or 9, 10_000
     print(f"# SparseDense benchmark\n\n{environment()}\n")
     print(
         "## Layers (Dense time / sparse time; **auto** is what export_sparse makes)\n"
