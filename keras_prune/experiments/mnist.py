@@ -18,6 +18,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from typing import Any
 
 import keras
@@ -206,11 +207,21 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
     )
 
 
-def _file_size(model: keras.Model, folder: str, name: str) -> int:
-    """Size of `model` saved as `.keras` without optimizer state."""
+def save_without_optimizer(model: keras.Model, path: str) -> int:
+    """Saves an uncompiled copy of `model` as `.keras`; returns the file size.
+
+    A compiled model's file also holds the optimizer's state (Adam: two
+    slots per weight), which says nothing about the model's own size.
+
+    Example:
+
+    >>> import tempfile
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> save_without_optimizer(model, tempfile.mkdtemp() + "/m.keras") > 0
+    True
+    """
     plain = model.__class__.from_config(model.get_config())  # uncompiled
     plain.set_weights(model.get_weights())
-    path = os.path.join(folder, f"{name}.keras")
     plain.save(path)
     return os.path.getsize(path)
 
@@ -343,7 +354,8 @@ def deploy(
     models = {"dense": dense, "masked": masked, "sparse": sparse}
     with tempfile.TemporaryDirectory() as folder:
         sizes = {
-            name: _file_size(model, folder, name) for name, model in models.items()
+            name: save_without_optimizer(model, os.path.join(folder, f"{name}.keras"))
+            for name, model in models.items()
         }
     return Deployment(
         sparse=sparse,
@@ -391,6 +403,10 @@ def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
     )
 
 
+def _run_to_numpy(function: Any, images: tf.Tensor) -> np.ndarray:
+    return function(images).numpy()
+
+
 def time_test_set(
     models: dict[str, keras.Model], images: np.ndarray, repeats: int = 15
 ) -> dict[str, float]:
@@ -409,6 +425,6 @@ def time_test_set(
     images = tf.constant(images)
     candidates: dict[str, Any] = {}
     for name, model in models.items():
-        function = tf.function(lambda x, model=model: model(x, training=False))
-        candidates[name] = lambda function=function: function(images).numpy()
+        function = tf.function(partial(model, training=False), autograph=False)
+        candidates[name] = partial(_run_to_numpy, function, images)
     return time_interleaved(candidates, repeats=repeats, warmup=2)

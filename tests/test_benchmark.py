@@ -1,0 +1,21 @@
+import os
+import subprocess
+import sys
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sparse_dense.py")
+
+
+def test_benchmark_runs_and_prints_its_tables():
+    """A smoke test: the script runs end to end; its timings are not checked."""
+    result = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    out = result.stdout
+    assert out.startswith("# SparseDense benchmark")
+    assert "| 64x32 (Dense) | 1 | 1 |" in out  # dense kept above the crossover
+    assert "| 64x32 (Dense) | 0.01 | 32 |" in out  # and below 1M weights
+    assert "## Whole model" in out and "one compiled call on all images" in out
