@@ -112,6 +112,16 @@ def test_user_kernel_constraint_still_applies_before_the_mask():
     assert kernel[0, 1] == 0 and kernel[2, 0] == 0
 
 
+def test_masked_file_stores_the_mask_as_bits(tmp_path):
+    dense = keras.Sequential([keras.Input((300,)), keras.layers.Dense(200)])
+    masked = keras.Sequential([keras.Input((300,)), MaskedDense(200)])
+    dense.save(tmp_path / "dense.keras")
+    masked.save(tmp_path / "masked.keras")
+    dense_size = (tmp_path / "dense.keras").stat().st_size
+    # 60,000 mask entries: 7,500 bytes as bits, 240,000 as float32.
+    assert (tmp_path / "masked.keras").stat().st_size < dense_size + 10_000
+
+
 def test_masks_survive_save_and_load(tmp_path):
     model = keras.Sequential([keras.Input((4,)), MaskedDense(3, name="fc")])
     mask = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], "float32")
