@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+
+# Every field of `MnistConfig` becomes an option `--field-name`.
+_HELP = {
+    "data": "MNIST .npz in Keras layout (default: download with keras.datasets)",
+    "out": "output folder for report.md, rounds.csv and accuracy_vs_kept.png",
+    "quick": "a few thousand samples, one epoch per stage",
+    "seed": "random seed of Keras, NumPy and TensorFlow",
+    "batch_size": "training batch size",
+    "dense_epochs": "epochs of dense training before pruning",
+    "dense_lr": "Adam learning rate of the dense training",
+    "epochs_per_round": "retraining epochs after each cut",
+    "dropout": "dropout rate before fc2 in the dense network",
+    "rounds": "pruning rounds; round k keeps factor**k of the Dense weights",
+    "factor": "fraction of the Dense weights kept per round",
+    "prune_lr": "Adam learning rate while pruning",
+    "final_lr": "learning rate of the last two rounds",
+    "fc2_min_kept": "least fraction of fc2's weights kept",
+    "scale_dropout": "shrink dropout with the connections (Han et al.)",
+    "train_samples": "use only the first N training images",
+    "test_samples": "use only the first N test images",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     from keras_prune.experiments.mnist import MnistConfig
 
-    defaults = MnistConfig()
     parser = argparse.ArgumentParser(
         prog="keras-prune",
         description="Iterative magnitude pruning for Keras 3.",
@@ -23,68 +44,22 @@ def _parser() -> argparse.ArgumentParser:
         "round by round, export it sparse, and write a report, a CSV and a plot.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    mnist.add_argument(
-        "--data",
-        default=defaults.data,
-        help="MNIST .npz in Keras layout (default: download with keras.datasets.mnist)",
-    )
-    mnist.add_argument("--out", default=defaults.out, help="output folder")
-    mnist.add_argument(
-        "--quick",
-        action="store_true",
-        help="a few thousand samples, one epoch per stage",
-    )
-    mnist.add_argument("--seed", type=int, default=defaults.seed)
-    mnist.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    mnist.add_argument(
-        "--dense-epochs",
-        type=int,
-        default=defaults.dense_epochs,
-        help="epochs of dense training before pruning",
-    )
-    mnist.add_argument("--dense-lr", type=float, default=defaults.dense_lr)
-    mnist.add_argument(
-        "--rounds",
-        type=int,
-        default=defaults.rounds,
-        help="pruning rounds; round k keeps factor**k",
-    )
-    mnist.add_argument(
-        "--factor",
-        type=float,
-        default=defaults.factor,
-        help="fraction of Dense weights kept per round",
-    )
-    mnist.add_argument(
-        "--epochs-per-round", type=int, default=defaults.epochs_per_round
-    )
-    mnist.add_argument(
-        "--prune-lr",
-        type=float,
-        default=defaults.prune_lr,
-        help="Adam learning rate while pruning",
-    )
-    mnist.add_argument(
-        "--final-lr",
-        type=float,
-        default=defaults.final_lr,
-        help="learning rate of the last two rounds",
-    )
-    mnist.add_argument(
-        "--fc2-min-kept",
-        type=float,
-        default=defaults.fc2_min_kept,
-        help="least fraction of fc2's weights kept",
-    )
-    mnist.add_argument("--dropout", type=float, default=defaults.dropout)
-    mnist.add_argument(
-        "--no-scale-dropout",
-        dest="scale_dropout",
-        action="store_false",
-        help="keep dropout fixed instead of Han et al.'s rule",
-    )
-    mnist.add_argument("--train-samples", type=int, default=None)
-    mnist.add_argument("--test-samples", type=int, default=None)
+    for field in dataclasses.fields(MnistConfig):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = _HELP.get(field.name, "")
+        if isinstance(field.default, bool):
+            mnist.add_argument(
+                flag, action=argparse.BooleanOptionalAction,
+                default=field.default, help=help_text,
+            )  # fmt: skip
+        else:
+            kind = str if field.name in ("data", "out") else type(field.default)
+            mnist.add_argument(
+                flag,
+                type=int if field.default is None and kind is not str else kind,
+                default=field.default,
+                help=help_text,
+            )
     return parser
 
 

@@ -22,6 +22,15 @@ def _validate_units(units: Any) -> int:
     return units
 
 
+def _add_bias_and_activate(layer: Any, outputs: Any) -> Any:
+    """The end of a Dense-like call: `activation(outputs + bias)`."""
+    if layer.bias is not None:
+        outputs = ops.add(outputs, layer.bias)
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
 @keras.saving.register_keras_serializable(package="keras_prune")
 class MaskedDense(keras.layers.Layer):
     """A `Dense` layer whose kernel is multiplied by a fixed 0/1 mask.
@@ -186,12 +195,7 @@ class MaskedDense(keras.layers.Layer):
         self.kernel.assign(self.kernel * self.mask)
 
     def call(self, inputs: Any) -> Any:
-        outputs = ops.matmul(inputs, self.kernel * self.mask)
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return _add_bias_and_activate(self, ops.matmul(inputs, self.kernel * self.mask))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)
@@ -413,11 +417,7 @@ class SparseDense(keras.layers.Layer):
             self.units,
             path=self.compute,
         )
-        if self.bias is not None:
-            outputs = ops.add(outputs, self.bias)
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return _add_bias_and_activate(self, outputs)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)
