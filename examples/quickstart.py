@@ -37,8 +37,8 @@ def main():
     for schedule in ("polynomial", "geometric", "constant"):
         dense = keras.Sequential(
             [
-                keras.Input((64,)),
-                keras.layers.Dense(512, activation="relu", name="fc1"),
+                keras.Input((256,)),
+                keras.layers.Dense(4096, activation="relu", name="fc1"),
                 keras.layers.Dense(10, name="fc2"),
             ]
         )
