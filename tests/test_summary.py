@@ -18,7 +18,7 @@ def test_summary_counts_each_kind_of_dense_layer_by_hand():
             for r in summary.rows]  # fmt: skip
     assert rows == [
         ("masked", "MaskedDense", (4, 5), 20, 4, "dense"),
-        ("sparse", "SparseDense", (5, 2), 10, 2, "coo to batch 8, then csr"),
+        ("sparse", "SparseDense", (5, 2), 10, 2, "coo to batch 4, then csr"),
         ("plain", "Dense", (2, 3), 6, 6, "dense"),
     ]
     assert summary["masked"].sparsity == 0.8
