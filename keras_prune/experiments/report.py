@@ -39,7 +39,7 @@ def comparison_table(rounds: list[Round]) -> str:
 def deployment_table(sizes: dict[str, int], times: dict[str, float]) -> str:
     """Markdown table of `.keras` sizes and test-set inference times."""
     lines = [
-        "| model | .keras size | vs dense | inference, 10k images | vs dense "
+        "| model | .keras size | vs dense | inference, test set | vs dense "
         "| seed's time |",
         "|---|---:|---:|---:|---:|---:|",
     ]
