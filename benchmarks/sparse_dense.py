@@ -45,13 +45,18 @@ BATCHES = (1, 32, 256)
 CHAIN = 10
 
 
+def prune_at_random(layer, density, rng):
+    """Prunes a MaskedDense to `density` (at least one weight) at random."""
+    shape = tuple(layer.mask.shape)
+    mask = np.zeros(int(np.prod(shape)), "float32")
+    mask[rng.choice(mask.size, max(1, round(density * mask.size)), replace=False)] = 1
+    layer.prune_to(mask.reshape(shape))
+
+
 def masked_layer_model(shape, density, seed=0):
     """A one-layer model with a MaskedDense pruned at random to `density`."""
-    rng = np.random.default_rng(seed)
     model = keras.Sequential([keras.Input((shape[0],)), kp.MaskedDense(shape[1])])
-    mask = np.zeros(shape[0] * shape[1], "float32")
-    mask[rng.choice(mask.size, max(1, round(density * mask.size)), replace=False)] = 1
-    model.layers[0].prune_to(mask.reshape(shape))
+    prune_at_random(model.layers[0], density, np.random.default_rng(seed))
     return model
 
 
@@ -173,10 +178,7 @@ def measure_convnet(images, sparsity, repeats):
     masked = kp.make_prunable(dense, layers=["fc1", "fc2"])
     rng = np.random.default_rng(0)
     for layer in kp.masked_layers(masked):
-        size = int(np.prod(layer.mask.shape))
-        mask = np.zeros(size, "float32")
-        mask[rng.choice(size, round((1 - sparsity) * size), replace=False)] = 1
-        layer.prune_to(mask.reshape(layer.mask.shape))
+        prune_at_random(layer, 1 - sparsity, rng)
     sparse = kp.export_sparse(masked)
 
     def head(model):
