@@ -227,14 +227,17 @@ class SparseDense(keras.layers.Layer):
     bytes a nonzero. It is usually made by `export_sparse`, or from a dense
     kernel with `from_kernel`.
 
-    Two kernels are available: `"coo"` (`tf.sparse.sparse_dense_matmul`,
-    cheapest per call, best for small batches) and `"csr"`
-    (`SparseMatrixMatMul`, multi-threaded, best for larger batches). With
-    `compute="auto"` the layer picks by batch size, at trace time when the
-    batch size is static; `layer.compute_path(batch_size)` says which.
+    Three kernels are available: `"native"`, keras_prune's own multi-threaded
+    kernel (compiled on first use, see `keras_prune.native`; the fastest at
+    every batch size), and TensorFlow's `"coo"` (`sparse_dense_matmul`,
+    best for small batches) and `"csr"` (`SparseMatrixMatMul`, best for
+    larger ones). With `compute="auto"` the layer uses `"native"` when it is
+    available, else picks between TensorFlow's by batch size;
+    `layer.compute_path(batch_size)` says which. Force `"coo"` or `"csr"`
+    for a SavedModel that plain TensorFlow (without keras_prune) serves.
 
-    XLA cannot compile TensorFlow's sparse ops, so the layer sets
-    `supports_jit = False`; Keras then runs the model without XLA.
+    XLA cannot compile sparse ops, so the layer sets `supports_jit = False`;
+    Keras then runs the model without XLA.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -242,7 +245,8 @@ class SparseDense(keras.layers.Layer):
         activation: Activation function, or `None` for linear. Defaults to
             `None`.
         use_bias: Whether the layer adds a bias vector. Defaults to `True`.
-        compute: `"auto"`, `"coo"` or `"csr"`. Defaults to `"auto"`.
+        compute: `"auto"`, `"native"`, `"coo"` or `"csr"`. Defaults to
+            `"auto"`.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -256,8 +260,8 @@ class SparseDense(keras.layers.Layer):
     >>> layer = SparseDense.from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
     >>> layer(np.array([[1.0, 1.0]])).numpy()
     array([[3., 2.]], dtype=float32)
-    >>> layer.compute_path(batch_size=1)
-    'coo'
+    >>> layer.compute_path(batch_size=1) in ("native", "coo")
+    True
     """
 
     def __init__(
@@ -393,11 +397,13 @@ class SparseDense(keras.layers.Layer):
         """Fraction of the (virtual) dense kernel that is zero."""
         return 1.0 - self.density
 
-    def compute_path(self, batch_size: int) -> str:
-        """The kernel (`"coo"` or `"csr"`) a call with `batch_size` rows uses."""
+    def compute_path(self, batch_size: int | None) -> str:
+        """The kernel (`"native"`, `"coo"` or `"csr"`) a call with
+        `batch_size` rows uses (`"auto"`: decided per call, for an unknown
+        batch size without the native kernel)."""
         if self.compute != "auto":
             return self.compute
-        return sparse_ops.choose_path(batch_size)
+        return sparse_ops.choose_path(batch_size, self.variable_dtype)
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""

@@ -7,11 +7,15 @@ take, so nothing is rebuilt per call. On disk it is compressed sparse rows
 over the units: int32 `row_splits` and uint16 (or int32) `columns`, 6 bytes a
 nonzero with the float32 value instead of the 20 of int64 COO.
 
-Two kernels compute `x @ W`:
+Three kernels compute `x @ W`:
+- `"native"`: keras_prune's own kernel (see `keras_prune.native`), compiled
+  on first use; the fastest at every batch size, used whenever it loads.
 - `"coo"`: `tf.sparse.sparse_dense_matmul`; lowest overhead, single-threaded,
-  the fastest for small batches.
+  TensorFlow's fastest for small batches.
 - `"csr"`: `SparseMatrixMatMul` on a CSR matrix made from the COO pairs at
-  each call; multi-threaded, the fastest for larger batches.
+  each call; multi-threaded, TensorFlow's fastest for larger batches.
+The last two are TensorFlow's own ops: a SavedModel that uses only them is
+served by plain TensorFlow.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-PATHS = ("coo", "csr")
+from keras_prune import native
+
+PATHS = ("native", "coo", "csr")
 
 # Measured by benchmarks/sparse_dense.py on a 2-core CPU (TensorFlow 2.21),
-# 3136x1024 at 1% and 0.23% density: COO's matrix-vector product is the
-# fastest for up to this many rows, each row a separate op so that the cores
-# share them; above it CSR wins (it pays a per-call conversion, ~3 ns a
-# nonzero, and the transposes of its operands).
+# 3136x1024 at 1% and 0.23% density: without the native kernel, COO's
+# matrix-vector product is the fastest for up to this many rows, each row a
+# separate op so that the cores share them; above it CSR wins (it pays a
+# per-call conversion, ~3 ns a nonzero, and the transposes of its operands).
 COO_MAX_BATCH = 4
 # CSR splits batches this large in two halves that run on both cores.
 CSR_SPLIT_BATCH = 128
@@ -40,14 +46,25 @@ DENSE_MIN_DENSITY = 0.05
 SPARSE_MIN_WEIGHTS = 1_000_000
 
 
-def choose_path(batch_size: int) -> str:
-    """The sparse kernel for a call with `batch_size` rows (`"coo"` or `"csr"`).
+def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
+    """The sparse kernel for a call with `batch_size` rows of `dtype`.
+
+    `"native"` when keras_prune's kernel is loaded and `dtype` is float32
+    (what it computes in); else TensorFlow's `"coo"` up to `COO_MAX_BATCH`
+    rows and `"csr"` above, or `"auto"` for an unknown batch size (decided at
+    run time).
 
     Example:
 
-    >>> choose_path(1), choose_path(256)
+    >>> choose_path(1, "float64"), choose_path(256, "float64")
     ('coo', 'csr')
+    >>> choose_path(1) == ("native" if native.available() else "coo")
+    True
     """
+    if tf.as_dtype(dtype) == tf.float32 and native.available():
+        return "native"
+    if batch_size is None:
+        return "auto"
     return "coo" if batch_size <= COO_MAX_BATCH else "csr"
 
 
@@ -146,9 +163,9 @@ def sparse_matmul(
         indices: int64 tensor `(nnz, 2)` of `(unit, input)` pairs, row-major.
         input_dim: Rows of `W`.
         units: Columns of `W`.
-        path: `"coo"`, `"csr"`, or `"auto"` to choose by batch size (at trace
-            time when the batch size is static, else at run time). Defaults
-            to `"auto"`.
+        path: `"native"`, `"coo"`, `"csr"`, or `"auto"` for `choose_path`'s
+            choice (at trace time; between `"coo"` and `"csr"` at run time
+            when the batch size is unknown). Defaults to `"auto"`.
 
     Example:
 
@@ -161,10 +178,18 @@ def sparse_matmul(
     flat = tf.cast(inputs, values.dtype)
     if inputs.shape.rank != 2:
         flat = tf.reshape(flat, [-1, input_dim])
-    transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
     batch = flat.shape[0]
-    if path == "auto" and batch is not None:
-        path = choose_path(batch)
+    if path == "auto":
+        path = choose_path(batch, values.dtype)
+    if path == "native":
+        if values.dtype != tf.float32:
+            raise ValueError(
+                'The "native" kernel computes in float32. '
+                f"Received: values.dtype={values.dtype.name}"
+            )
+        outputs = native.sparse_matmul(flat, values, indices, units)
+        return _restore_shape(outputs, inputs, units)
+    transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
     if path == "coo":
         outputs = _coo_matmul(flat, transposed, batch)
     elif path == "csr":
@@ -175,6 +200,11 @@ def sparse_matmul(
             lambda: _coo_matmul(flat, transposed, None),
             lambda: _csr_matmul(flat, transposed, None),
         )
+    return _restore_shape(outputs, inputs, units)
+
+
+def _restore_shape(outputs: tf.Tensor, inputs: tf.Tensor, units: int) -> tf.Tensor:
+    """`(batch, units)` outputs back to `inputs`' leading dimensions."""
     if inputs.shape.rank == 2:
         return outputs
     out_shape = tf.concat([tf.shape(inputs)[:-1], [units]], axis=0)

@@ -129,11 +129,9 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         elif isinstance(layer, SparseDense):
             shape = (layer.input_dim, layer.units)
             nonzeros = layer.nnz
-            compute = (
-                f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
-                if layer.compute == "auto"
-                else layer.compute
-            )
+            compute = layer.compute_path(None)
+            if compute == "auto":
+                compute = f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
         elif isinstance(layer, keras.layers.Dense) and layer.built:
             shape = tuple(layer.kernel.shape)
             nonzeros = int(np.count_nonzero(ops.convert_to_numpy(layer.kernel)))

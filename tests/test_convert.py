@@ -145,7 +145,7 @@ def test_converters_refuse_non_models(function):
 # --- export_sparse -------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute", ["auto", "coo", "csr", "dense"])
+@pytest.mark.parametrize("compute", ["auto", "native", "coo", "csr", "dense"])
 def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute):
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.1)
@@ -154,7 +154,7 @@ def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute
     assert_unchanged(masked, before)
     kinds = {type(layer).__name__ for layer in sparse.layers}
     # Layers this small stay Dense unless a sparse kernel is forced.
-    assert ("SparseDense" in kinds) == (compute in ("coo", "csr"))
+    assert ("SparseDense" in kinds) == (compute in ("native", "coo", "csr"))
     assert not masked_layers(sparse)
     difference = np.abs(
         sparse.predict(images(), verbose=0) - masked.predict(images(), verbose=0)
@@ -197,10 +197,11 @@ def test_export_sparse_handles_nested_models():
     assert isinstance(sparse.get_layer("inner").get_layer("inner_fc"), SparseDense)
 
 
-def test_sparse_model_saves_loads_and_serves_as_saved_model(tmp_path):
+@pytest.mark.parametrize("compute", ["native", "coo"])
+def test_sparse_model_saves_loads_and_serves_as_saved_model(tmp_path, compute):
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.05)
-    sparse = export_sparse(masked, compute="coo")
+    sparse = export_sparse(masked, compute=compute)
     expected = sparse.predict(images(), verbose=0)
 
     sparse.save(tmp_path / "sparse.keras")
@@ -263,16 +264,17 @@ def test_export_keeps_layers_dense_where_sparse_kernels_cannot_win(
 def test_export_sparse_refuses_unknown_compute():
     with pytest.raises(
         ValueError,
-        match=r"^Expected `compute` to be one of \['auto', 'dense', 'coo', 'csr'\]\. "
-        r"Received: compute='fast'$",
+        match=r"^Expected `compute` to be one of "
+        r"\['auto', 'dense', 'native', 'coo', 'csr'\]\. Received: compute='fast'$",
     ):
         export_sparse(keras.Sequential([keras.Input((2,)), MaskedDense(1)]), "fast")
 
 
-def test_sparse_model_runs_when_jit_compile_is_requested():
+@pytest.mark.parametrize("compute", ["native", "csr"])
+def test_sparse_model_runs_when_jit_compile_is_requested(compute):
     model = keras.Sequential([keras.Input((6,)), MaskedDense(4)])
     prune_randomly(model, density=0.05, seed=3)
-    sparse = export_sparse(model, compute="csr")
+    sparse = export_sparse(model, compute=compute)
     with pytest.warns(UserWarning, match="Model doesn't support `jit_compile=True`"):
         sparse.compile(loss="mse", jit_compile=True)
     x = np.ones((3, 6), "float32")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_prune import MaskedDense, SparseDense
+from keras_prune import MaskedDense, SparseDense, native
 from tests.layer_contract import run_layer_contract
 
 
@@ -223,14 +223,16 @@ def edge_kernels():
     }
 
 
-@pytest.mark.parametrize("compute", ["auto", "coo", "csr"])
+@pytest.mark.parametrize("compute", ["auto", "native", "coo", "csr"])
 @pytest.mark.parametrize("name", list(edge_kernels()))
 @pytest.mark.parametrize(
     "input_shape",
-    [(1,), (3,), (9,), (130,), (2, 3)],
-    ids=["batch-1", "batch-3", "batch-9", "batch-130", "rank-3"],
+    [(1,), (3,), (6,), (9,), (17,), (130,), (2, 3)],
+    ids=lambda shape: f"batch-{shape[0]}" if len(shape) == 1 else "rank-3",
 )
 def test_sparse_dense_matches_numpy_on_edge_cases(compute, name, input_shape):
+    # The native kernel's paths: batch <= 4 gathered, 5-8 in one tile of 8,
+    # more in tiles of 16 (17: one full, one of a single row).
     kernel = edge_kernels()[name]
     bias = np.arange(kernel.shape[1], dtype="float32")
     layer = SparseDense.from_kernel(
@@ -261,21 +263,26 @@ def test_sparse_dense_rejects_negative_nnz():
         SparseDense(3, nnz=-1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [1, 4, 5, 64])
-def test_sparse_dense_chooses_its_kernel_at_run_time_for_unknown_batches(batch):
+def test_sparse_dense_serves_unknown_batch_sizes(batch, dtype):
+    # float64 has no native kernel: TensorFlow's are chosen per call.
     import tensorflow as tf
 
     kernel = random_sparse_kernel((12, 7), 0.3)
-    layer = SparseDense.from_kernel(kernel)
-    serve = tf.function(layer, input_signature=[tf.TensorSpec([None, 12])])
-    x = np.random.default_rng(2).normal(size=(batch, 12)).astype("float32")
+    layer = SparseDense.from_kernel(kernel, dtype=dtype)
+    serve = tf.function(layer, input_signature=[tf.TensorSpec([None, 12], dtype)])
+    x = np.random.default_rng(2).normal(size=(batch, 12)).astype(dtype)
     np.testing.assert_allclose(serve(x).numpy(), x @ kernel, rtol=1e-5, atol=1e-6)
 
 
-def test_compute_path_follows_batch_size_unless_forced():
+def test_compute_path_is_native_in_float32_else_follows_batch_size():
     layer = SparseDense.from_kernel(np.eye(4))
-    assert [layer.compute_path(b) for b in (1, 4, 5, 256)] == [
-        "coo", "coo", "csr", "csr"]  # fmt: skip
+    expected = ["native"] * 3 if native.available() else ["coo", "csr", "auto"]
+    assert [layer.compute_path(b) for b in (1, 256, None)] == expected
+    double = SparseDense.from_kernel(np.eye(4), dtype="float64")
+    assert [double.compute_path(b) for b in (1, 4, 5, 256, None)] == [
+        "coo", "coo", "csr", "csr", "auto"]  # fmt: skip
     forced = SparseDense.from_kernel(np.eye(4), compute="csr")
     assert forced.compute_path(1) == "csr"
 
@@ -283,7 +290,8 @@ def test_compute_path_follows_batch_size_unless_forced():
 def test_sparse_dense_refuses_unknown_compute():
     with pytest.raises(
         ValueError,
-        match=r"^Expected `compute` to be one of \['auto', 'coo', 'csr'\]\. "
+        match=r"^Expected `compute` to be one of "
+        r"\['auto', 'native', 'coo', 'csr'\]\. "
         r"Received: compute='gpu'$",
     ):
         SparseDense(3, compute="gpu")
