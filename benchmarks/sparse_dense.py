@@ -3,7 +3,8 @@
 Prints markdown tables of medians over interleaved repetitions:
 
 1. Layers: `Dense` against what `export_sparse` makes of it (`auto`), and
-   against `SparseDense` forced to each kernel (`coo`, `csr`), for the seed
+   against `SparseDense` forced to each kernel (keras_prune's `native`,
+   TensorFlow's `coo` and `csr`), for the seed
    network's fc1 (3136x1024), a LeNet-300 layer (784x300) and an output layer
    (1024x10), at several densities and batch sizes. Two measures:
    - op: the in-graph cost of one application, (chain of K - chain of 1) /
@@ -17,6 +18,7 @@ Prints markdown tables of medians over interleaved repetitions:
    pruning the Dense layers cannot win).
 
 Run: python benchmarks/sparse_dense.py [--quick] [--data PATH]
+     [--shapes 3136x1024,784x300] [--densities 0.1,0.01] [--batches 1,32]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")  # each candidate is traced on purpose
 
 import keras_prune as kp  # noqa: E402
-from keras_prune import sparse_ops  # noqa: E402
+from keras_prune import native, sparse_ops  # noqa: E402
 from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
 from keras_prune.timing import time_interleaved  # noqa: E402
 
@@ -89,6 +91,7 @@ def measure_layers(shapes, densities, batches, repeats):
             candidates = {
                 "dense": kp.export_sparse(masked, compute="dense"),
                 "auto": kp.export_sparse(masked),
+                "native": kp.export_sparse(masked, compute="native"),
                 "coo": kp.export_sparse(masked, compute="coo"),
                 "csr": kp.export_sparse(masked, compute="csr"),
             }
@@ -137,10 +140,10 @@ def scipy_reference(kernel, x):
 
 def layer_tables(rows):
     header = (
-        "| layer | density | batch | Dense op | auto op | ratio | coo | csr | "
-        "Dense call | auto call | ratio | coo | csr | scipy | vs scipy | "
-        "FLOP bound |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        "---:|---:|---:|---:|---:|"
+        "| layer | density | batch | Dense op | auto op | ratio | native | coo | "
+        "csr | Dense call | auto call | ratio | native | coo | csr | scipy | "
+        "vs scipy | FLOP bound |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
@@ -151,9 +154,11 @@ def layer_tables(rows):
             f"| {row['shape'][0]}x{row['shape'][1]} {auto} | {row['density']:g} | "
             f"{row['batch']} | {ms(dense_op)} | {ms(row['auto/op'])} | "
             f"**{dense_op / row['auto/op']:.2f}x** | "
+            f"{dense_op / row['native/op']:.2f}x | "
             f"{dense_op / row['coo/op']:.2f}x | {dense_op / row['csr/op']:.2f}x | "
             f"{ms(dense_call)} | {ms(row['auto/call'])} | "
             f"**{dense_call / row['auto/call']:.2f}x** | "
+            f"{dense_call / row['native/call']:.2f}x | "
             f"{dense_call / row['coo/call']:.2f}x | "
             f"{dense_call / row['csr/call']:.2f}x | "
             + (
@@ -241,8 +246,9 @@ def environment():
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
         f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}, keras_prune {kp.__version__}; "
-        f"COO up to batch {sparse_ops.COO_MAX_BATCH}, dense above density "
-        f"{sparse_ops.DENSE_MIN_DENSITY}"
+        f"native kernel: {'yes' if native.available() else 'no'}; "
+        f"Dense kept above density {sparse_ops.DENSE_MIN_DENSITY} or below "
+        f"{sparse_ops.SPARSE_MIN_WEIGHTS:,} weights"
     )
 
 
@@ -253,6 +259,17 @@ def load_images(path, count):
     return np.random.default_rng(0).random((count, 28, 28, 1), dtype="float32")
 
 
+def parse_list(kind):
+    def parse(text):
+        return tuple(kind(item) for item in text.split(","))
+
+    return parse
+
+
+def parse_shapes(text):
+    return tuple(tuple(int(n) for n in shape.split("x")) for shape in text.split(","))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -261,6 +278,11 @@ def main(argv=None):
         help="one small layer and few repetitions (a smoke test)",
     )
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--shapes", type=parse_shapes, help="e.g. 3136x1024,784x300 (layers only)"
+    )
+    parser.add_argument("--densities", type=parse_list(float), help="e.g. 0.1,0.01")
+    parser.add_argument("--batches", type=parse_list(int), help="e.g. 1,32,256")
     parser.add_argument(
         "--data",
         default=os.path.join(
@@ -276,11 +298,16 @@ def main(argv=None):
     else:
         shapes, densities, batches = SHAPES, DENSITIES, BATCHES
         repeats, image_count = args.repeats or 9, 10_000
+    shapes = args.shapes or shapes
+    densities = args.densities or densities
+    batches = args.batches or batches
     print(f"# SparseDense benchmark\n\n{environment()}\n")
     print(
         "## Layers (Dense time / sparse time; **auto** is what export_sparse makes)\n"
     )
     print(layer_tables(measure_layers(shapes, densities, batches, repeats)))
+    if args.shapes or args.densities or args.batches:
+        return  # a custom layer sweep
     images = load_images(args.data, image_count)
     times, difference = measure_convnet(images, 0.9977, max(3, repeats // 3))
     print("\n## Whole model\n")

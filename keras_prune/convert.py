@@ -160,9 +160,10 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
 
     A layer sparse and large enough for the sparse kernels to pay off (at
     most `sparse_ops.DENSE_MIN_DENSITY` of its weights kept, and at least
-    `sparse_ops.SPARSE_MIN_WEIGHTS` weights) becomes a `SparseDense` that
-    holds only the nonzeros of `kernel * mask` and multiplies with
-    TensorFlow's sparse kernels; any other becomes a plain
+    `sparse_ops.SPARSE_MIN_WEIGHTS` weights, ten times more without the
+    native kernel; see `sparse_ops.pays_off`) becomes a `SparseDense` that
+    holds only the nonzeros of `kernel * mask` and multiplies with the
+    sparse kernels; any other becomes a plain
     `keras.layers.Dense` with the masked kernel, since a dense matmul is as
     fast there: an exported layer is never slower than the `Dense` it
     replaces. Every other layer keeps its
@@ -171,9 +172,11 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
 
     Args:
         model: A Sequential or Functional `keras.Model`.
-        compute: `"auto"` as above; `"coo"` or `"csr"` to make every masked
-            layer a `SparseDense` forced to that kernel; `"dense"` to make
-            every masked layer a `Dense`. Defaults to `"auto"`.
+        compute: `"auto"` as above; `"native"`, `"coo"` or `"csr"` to make
+            every masked layer a `SparseDense` forced to that kernel
+            (`"coo"` and `"csr"` are TensorFlow's own ops: plain TensorFlow
+            serves their SavedModels); `"dense"` to make every masked layer
+            a `Dense`. Defaults to `"auto"`.
 
     Returns:
         A new, uncompiled `keras.Model`, ready for `predict`, `save` and
@@ -216,11 +219,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         bias = None if layer.bias is None else ops.convert_to_numpy(layer.bias)
         density = np.count_nonzero(kernel) / kernel.size
         if compute == "dense" or (
-            compute == "auto"
-            and (
-                density > sparse_ops.DENSE_MIN_DENSITY
-                or kernel.size < sparse_ops.SPARSE_MIN_WEIGHTS
-            )
+            compute == "auto" and not sparse_ops.pays_off(density, kernel.size)
         ):
             dense = keras.layers.Dense(
                 layer.units,

@@ -38,12 +38,30 @@ COO_MAX_BATCH = 4
 # CSR splits batches this large in two halves that run on both cores.
 CSR_SPLIT_BATCH = 128
 # `export_sparse` keeps a layer `Dense` above this density, where a dense
-# matmul is as fast as the sparse kernels at some batch size (3136x1024: at
-# 10% CSR is 0.8x of Dense, at 5% 1.3x), and below this many weights, where
-# the sparse kernels' fixed cost per call (~30 us) eats what they save
-# (784x300 at 0.23% density: 0.9x at batch 32).
+# matmul is as fast as the sparse kernels at some batch size (native kernel:
+# 784x300 at 10% is 0.6x of Dense at batch 1, at 5% 1.1x; 3136x1024 at 30%
+# 0.4-0.6x, at 10% 1.1-2x), and below this many weights, where the kernels'
+# fixed cost per call eats what they save (1024x10 at 3%: 0.8x at batch 1;
+# 784x300, 235k weights, at 5% or less: 1.1-9x). TensorFlow's kernels need
+# more weights: 784x300 at 0.23% is 0.9x of Dense at batch 32.
 DENSE_MIN_DENSITY = 0.05
-SPARSE_MIN_WEIGHTS = 1_000_000
+SPARSE_MIN_WEIGHTS = 100_000
+SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE = 1_000_000
+
+
+def pays_off(density: float, weights: int) -> bool:
+    """Whether a sparse kernel beats a dense matmul for a layer with
+    `weights` weights of which a fraction `density` is kept.
+
+    Example:
+
+    >>> pays_off(0.01, 3136 * 1024), pays_off(0.3, 3136 * 1024)
+    (True, False)
+    """
+    minimum = (
+        SPARSE_MIN_WEIGHTS if native.available() else SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE
+    )
+    return density <= DENSE_MIN_DENSITY and weights >= minimum
 
 
 def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:

@@ -10,6 +10,8 @@ from keras_prune import (
     export_sparse,
     make_prunable,
     masked_layers,
+    native,
+    sparse_ops,
 )
 
 
@@ -236,13 +238,21 @@ def test_export_sparse_is_uncompiled_so_files_carry_no_optimizer_state(tmp_path)
     assert not loaded.compiled and getattr(loaded, "optimizer", None) is None
 
 
+# The smallest layer that goes sparse: 100k weights with the native kernel.
+ROWS = (
+    sparse_ops.SPARSE_MIN_WEIGHTS
+    if native.available()
+    else sparse_ops.SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE
+) // 1000
+
+
 @pytest.mark.parametrize(
     ("shape", "density", "expected"),
     [
-        ((1000, 1000), 0.05, SparseDense),
-        ((1000, 1000), 0.06, layers.Dense),
-        ((1000, 1000), 1.0, layers.Dense),
-        ((999, 1000), 0.01, layers.Dense),
+        ((ROWS, 1000), 0.05, SparseDense),
+        ((ROWS, 1000), 0.06, layers.Dense),
+        ((ROWS, 1000), 1.0, layers.Dense),
+        ((ROWS - 1, 1000), 0.01, layers.Dense),
     ],
     ids=["sparse-enough", "too-dense", "full", "too-small"],
 )
@@ -283,3 +293,11 @@ def test_sparse_model_runs_when_jit_compile_is_requested(compute):
     )
     sparse.compile(loss="mse")  # jit_compile="auto" resolves to False
     assert sparse.jit_compile is False
+
+
+def test_without_the_native_kernel_only_larger_layers_pay_off(monkeypatch):
+    lenet_300 = 784 * 300
+    assert sparse_ops.pays_off(0.01, lenet_300) == native.available()
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert not sparse_ops.pays_off(0.01, lenet_300)
+    assert sparse_ops.pays_off(0.01, 3136 * 1024)

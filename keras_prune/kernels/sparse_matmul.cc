@@ -94,12 +94,15 @@ struct Problem {
 };
 
 // Outputs of units [unit_begin, unit_end) for the Rows rows of x, as
-// gathered dot products.
+// gathered dot products. Chains independent sums take turns over the
+// nonzeros, so that consecutive multiply-adds do not wait on each other.
 template <int Rows>
 void GatherUnits(const Problem& p, int64_t unit_begin, int64_t unit_end) {
+  constexpr int Chains = Rows == 1 ? 4 : 2;
   int64_t k = FirstEntryOf(p.indices, p.nnz, unit_begin);
   for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-    float sums[Rows] = {0};
+    float sums[Chains][Rows] = {};
+    int chain = 0;
     for (; k < p.nnz && p.indices[2 * k] == unit; ++k) {
       const int64_t input = p.indices[2 * k + 1];
       if (input < 0 || input >= p.input_dim) {
@@ -108,14 +111,19 @@ void GatherUnits(const Problem& p, int64_t unit_begin, int64_t unit_end) {
       }
       const float value = p.values[k];
       for (int b = 0; b < Rows; ++b) {
-        sums[b] += value * p.x[b * p.input_dim + input];
+        sums[chain][b] += value * p.x[b * p.input_dim + input];
       }
+      chain = chain + 1 == Chains ? 0 : chain + 1;
     }
     if (k < p.nnz && p.indices[2 * k] < unit) {  // out of order
       *p.bad_entry = true;
       return;
     }
-    for (int b = 0; b < Rows; ++b) p.y[b * p.units + unit] = sums[b];
+    for (int b = 0; b < Rows; ++b) {
+      float sum = 0;
+      for (int c = 0; c < Chains; ++c) sum += sums[c][b];
+      p.y[b * p.units + unit] = sum;
+    }
   }
 }
 
