@@ -10,7 +10,8 @@ Prints markdown tables of medians over interleaved repetitions:
    - op: the in-graph cost of one application, (chain of K - chain of 1) /
      (K - 1), inside one compiled function; this cancels the fixed cost of
      calling a tf.function.
-   - call: one call of a compiled one-layer model, as a Python user makes it.
+   - call: one call of a compiled one-layer model, as a Python user makes it
+     (the mean of CALLS back-to-back calls, as in a serving loop).
    Ratios are Dense time / sparse time (above 1: the sparse layer is faster).
    scipy's CSR product and the FLOP bound (1 / density) are given for scale.
 2. The seed convnet on the 10,000 MNIST test images, dense vs exported at
@@ -45,6 +46,10 @@ SHAPES = ((3136, 1024), (784, 300), (1024, 10))
 DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0023)
 BATCHES = (1, 32, 256)
 CHAIN = 10
+# A call is timed as the mean of this many back-to-back calls, as in a
+# serving loop: a lone call right after another candidate's work starts on
+# caches that work left cold (about 0.1 ms more for a small sparse model).
+CALLS = 5
 
 
 def prune_at_random(layer, density, rng):
@@ -104,7 +109,9 @@ def measure_layers(shapes, densities, batches, repeats):
                     call = tf.function(model)
                     timers[f"{name}/long"] = lambda f=long, x=x: f(x).numpy()
                     timers[f"{name}/short"] = lambda f=short, x=x: f(x).numpy()
-                    timers[f"{name}/call"] = lambda f=call, x=x: f(x).numpy()
+                    timers[f"{name}/call"] = lambda f=call, x=x: [
+                        f(x).numpy() for _ in range(CALLS)
+                    ]
                 scipy_product = scipy_reference(kernel, x.numpy())
                 if scipy_product is not None:
                     timers["scipy"] = scipy_product
@@ -121,7 +128,7 @@ def measure_layers(shapes, densities, batches, repeats):
                         (times[f"{name}/long"] - times[f"{name}/short"]) / (CHAIN - 1),
                         1e-7,
                     )
-                    row[f"{name}/call"] = times[f"{name}/call"]
+                    row[f"{name}/call"] = times[f"{name}/call"] / CALLS
                 rows.append(row)
                 print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)

@@ -220,9 +220,10 @@ class SparseDense(keras.layers.Layer):
     """A `Dense` layer that stores and multiplies only its nonzero weights.
 
     The layer computes `activation(inputs @ kernel + bias)`, for inputs of
-    any rank >= 2, with TensorFlow's sparse kernels. No dense copy of the
-    kernel exists: in memory it is `values` (the nonzeros) and `indices`
-    (int64 `(unit, input)` pairs, the form TensorFlow's kernels take); in a
+    any rank >= 2, with sparse kernels. No dense copy of the kernel exists:
+    in memory it is `values` (the nonzeros) and `indices` (int64
+    `(unit, input)` pairs sorted by unit, which every kernel takes as they
+    are); in a
     `.keras` file it is compressed sparse rows with 16- or 32-bit columns, 6
     bytes a nonzero. It is usually made by `export_sparse`, or from a dense
     kernel with `from_kernel`.

@@ -97,7 +97,8 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
     `MaskedDense` counts the mask's ones, `SparseDense` its stored nonzeros,
     and a plain `keras.layers.Dense` the nonzeros of its kernel. The
     `compute` column says how each layer multiplies: `"dense"`, or the
-    sparse kernel a `SparseDense` uses (by batch size, with `"auto"`).
+    sparse kernel a `SparseDense` uses (`"native"`, or TensorFlow's by batch
+    size where the native kernel is not available).
 
     Args:
         model: A built `keras.Model`.
