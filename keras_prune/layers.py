@@ -285,6 +285,14 @@ class SparseDense(keras.layers.Layer):
                 f"Expected `compute` to be one of {['auto', *sparse_ops.PATHS]}. "
                 f"Received: compute={compute!r}"
             )
+        if compute == "native" and self.compute_dtype not in (
+            dtype.name for dtype in sparse_ops.NATIVE_DTYPES
+        ):
+            raise ValueError(
+                "Expected a float32, float16 or bfloat16 layer for "
+                'compute="native" (the kernel computes in float32). '
+                f"Received: dtype={self.compute_dtype}"
+            )
         self.nnz = nnz
         self.activation = activations.get(activation)
         self.use_bias = use_bias
@@ -404,7 +412,7 @@ class SparseDense(keras.layers.Layer):
         batch size without the native kernel)."""
         if self.compute != "auto":
             return self.compute
-        return sparse_ops.choose_path(batch_size, self.variable_dtype)
+        return sparse_ops.choose_path(batch_size, self.compute_dtype)
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""

@@ -28,6 +28,9 @@ import tensorflow as tf
 from keras_prune import native
 
 PATHS = ("native", "coo", "csr")
+# The native kernel computes in float32; half-precision layers (mixed
+# precision) are cast to it and back, float64 ones stay on TensorFlow's.
+NATIVE_DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 
 # Measured by benchmarks/sparse_dense.py on a 2-core CPU (TensorFlow 2.21),
 # 3136x1024 at 1% and 0.23% density: without the native kernel, COO's
@@ -67,10 +70,10 @@ def pays_off(density: float, weights: int) -> bool:
 def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
     """The sparse kernel for a call with `batch_size` rows of `dtype`.
 
-    `"native"` when keras_prune's kernel is loaded and `dtype` is float32
-    (what it computes in); else TensorFlow's `"coo"` up to `COO_MAX_BATCH`
-    rows and `"csr"` above, or `"auto"` for an unknown batch size (decided at
-    run time).
+    `"native"` when keras_prune's kernel is loaded and `dtype` is float32,
+    float16 or bfloat16 (it computes in float32); else TensorFlow's `"coo"`
+    up to `COO_MAX_BATCH` rows and `"csr"` above, or `"auto"` for an unknown
+    batch size (decided at run time).
 
     Example:
 
@@ -79,7 +82,7 @@ def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
     >>> choose_path(1) == ("native" if native.available() else "coo")
     True
     """
-    if tf.as_dtype(dtype) == tf.float32 and native.available():
+    if tf.as_dtype(dtype) in NATIVE_DTYPES and native.available():
         return "native"
     if batch_size is None:
         return "auto"
@@ -200,13 +203,15 @@ def sparse_matmul(
     if path == "auto":
         path = choose_path(batch, values.dtype)
     if path == "native":
-        if values.dtype != tf.float32:
+        if values.dtype not in NATIVE_DTYPES:
             raise ValueError(
-                'The "native" kernel computes in float32. '
-                f"Received: values.dtype={values.dtype.name}"
+                'The "native" kernel computes in float32, from float32, float16 '
+                f"or bfloat16. Received: values.dtype={values.dtype.name}"
             )
-        outputs = native.sparse_matmul(flat, values, indices, units)
-        return _restore_shape(outputs, inputs, units)
+        outputs = native.sparse_matmul(
+            tf.cast(flat, tf.float32), tf.cast(values, tf.float32), indices, units
+        )
+        return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
     transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
     if path == "coo":
         outputs = _coo_matmul(flat, transposed, batch)

@@ -295,3 +295,22 @@ def test_sparse_dense_refuses_unknown_compute():
         r"Received: compute='gpu'$",
     ):
         SparseDense(3, compute="gpu")
+
+
+def test_sparse_dense_under_mixed_precision_computes_in_float16_out():
+    kernel = random_sparse_kernel((12, 7), 0.3)
+    layer = SparseDense.from_kernel(kernel, dtype="mixed_float16")
+    assert layer.compute_path(8) == ("native" if native.available() else "csr")
+    x = np.random.default_rng(3).normal(size=(8, 12)).astype("float32")
+    y = layer(x)
+    assert y.dtype == "float16"
+    np.testing.assert_allclose(to_numpy(y), x @ kernel, rtol=1e-2, atol=1e-2)
+
+
+def test_forcing_the_native_kernel_in_float64_is_refused():
+    with pytest.raises(
+        ValueError,
+        match=r'^Expected a float32, float16 or bfloat16 layer for compute="native" '
+        r"\(the kernel computes in float32\)\. Received: dtype=float64$",
+    ):
+        SparseDense(2, compute="native", dtype="float64")
