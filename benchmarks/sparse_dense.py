@@ -4,9 +4,9 @@ Prints markdown tables of medians over interleaved repetitions:
 
 1. Layers: `Dense` against what `export_sparse` makes of it (`auto`), and
    against `SparseDense` forced to each kernel (keras_prune's `native`,
-   TensorFlow's `coo` and `csr`), for the seed
-   network's fc1 (3136x1024), a LeNet-300 layer (784x300) and an output layer
-   (1024x10), at several densities and batch sizes. Two measures:
+   TensorFlow's `coo` and `csr`), for the seed network's fc1 (3136x1024), a
+   LeNet-300 layer (784x300) and an output layer (1024x10), at several
+   densities and batch sizes. Two measures:
    - op: the in-graph cost of one application, (chain of K - chain of 1) /
      (K - 1), inside one compiled function; this cancels the fixed cost of
      calling a tf.function.
@@ -15,8 +15,8 @@ Prints markdown tables of medians over interleaved repetitions:
    Ratios are Dense time / sparse time (above 1: the sparse layer is faster).
    scipy's CSR product and the FLOP bound (1 / density) are given for scale.
 2. The seed convnet on the 10,000 MNIST test images, dense vs exported at
-   99.77% Dense-layer sparsity, and the convolutional trunk alone (what
-   pruning the Dense layers cannot win).
+   99.77% Dense-layer sparsity: one compiled call, `predict`, and a served
+   SavedModel; and the Dense head alone (what pruning can speed up).
 
 Run: python benchmarks/sparse_dense.py [--quick] [--data PATH]
      [--shapes 3136x1024,784x300] [--densities 0.1,0.01] [--batches 1,32]
@@ -28,6 +28,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -214,6 +215,11 @@ def measure_convnet(images, sparsity, repeats):
     timers["sparse predict"] = lambda: sparse.predict(
         images, batch_size=1000, verbose=0
     )
+    folder = tempfile.mkdtemp(prefix="keras_prune_benchmark_")
+    for name, model in (("dense", dense), ("sparse", sparse)):
+        model.export(os.path.join(folder, name), verbose=False)
+        served = tf.saved_model.load(os.path.join(folder, name))
+        timers[f"{name} served"] = lambda s=served: s.serve(x).numpy()
     times = time_interleaved(timers, repeats=repeats, warmup=2)
     difference = np.abs(
         sparse.predict(images[:1000], verbose=0)
@@ -237,6 +243,9 @@ def convnet_table(times, images, difference):
             f"| `predict(batch_size=1000)` | {ms(times['dense predict'])} | "
             f"{ms(times['sparse predict'])} | "
             f"**{times['dense predict'] / times['sparse predict']:.2f}x** |",
+            f"| served SavedModel (`model.export`, then `serve` on all images) | "
+            f"{ms(times['dense served'])} | {ms(times['sparse served'])} | "
+            f"**{times['dense served'] / times['sparse served']:.2f}x** |",
             f"| the Dense head alone (fc1, dropout, fc2) | {ms(dense_head)} | "
             f"{ms(sparse_head)} | **{dense_head / sparse_head:.2f}x** |",
             "",
