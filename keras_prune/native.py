@@ -45,8 +45,10 @@ def cache_dir() -> Path:
 
     Example:
 
-    >>> cache_dir().name
-    'keras_prune'
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"KERAS_PRUNE_CACHE": "/tmp/kernels"}):
+    ...     print(cache_dir())
+    /tmp/kernels
     """
     if os.environ.get("KERAS_PRUNE_CACHE"):
         return Path(os.environ["KERAS_PRUNE_CACHE"]).expanduser()

@@ -29,6 +29,14 @@ def test_kernel_builds_where_a_compiler_exists():
     assert native.library_path().parent == native.cache_dir()
 
 
+def test_cache_defaults_to_the_user_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("KERAS_PRUNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.cache_dir() == tmp_path / "keras_prune"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert native.cache_dir() == native.Path.home() / ".cache" / "keras_prune"
+
+
 @needs_kernel
 @pytest.mark.parametrize("batch", [1, 2, 5, 16, 20])
 def test_kernel_computes_a_product_checkable_by_hand(batch):
