@@ -60,6 +60,27 @@ def test_kernel_matches_numpy_when_the_work_is_shared_between_threads(batch):
 
 
 @needs_kernel
+def test_products_running_at_the_same_time_do_not_share_buffers():
+    # Independent ops in one graph run on different threads at once; each
+    # thread transposes into its own buffer.
+    rng = np.random.default_rng(4)
+    kernels = [(rng.random((400, 200)) < 0.05) * rng.normal(size=(400, 200))
+               for _ in range(4)]  # fmt: skip
+    operands = [coo(kernel) for kernel in kernels]
+    x = rng.normal(size=(64, 400)).astype("float32")
+
+    @tf.function
+    def products(x):
+        return [native.sparse_matmul(x, *operand, units=200) for operand in operands]
+
+    for _ in range(3):
+        for y, kernel in zip(products(x), kernels, strict=True):
+            np.testing.assert_allclose(
+                y.numpy(), x @ kernel.astype("float32"), rtol=1e-5, atol=1e-5
+            )
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch", [2, 24])
 def test_gradients_match_the_dense_product(batch):
     rng = np.random.default_rng(1)
