@@ -88,7 +88,8 @@ def op_function(model, k):
 
 
 def measure_layers(shapes, densities, batches, repeats):
-    """Times Dense, auto, coo and csr for every shape, density and batch."""
+    """Times Dense, auto, native, coo and csr for every shape, density and
+    batch."""
     rng = np.random.default_rng(1)
     rows = []
     for shape in shapes:
@@ -215,11 +216,12 @@ def measure_convnet(images, sparsity, repeats):
     timers["sparse predict"] = lambda: sparse.predict(
         images, batch_size=1000, verbose=0
     )
-    folder = tempfile.mkdtemp(prefix="keras_prune_benchmark_")
-    for name, model in (("dense", dense), ("sparse", sparse)):
-        model.export(os.path.join(folder, name), verbose=False)
-        served = tf.saved_model.load(os.path.join(folder, name))
-        timers[f"{name} served"] = lambda s=served: s.serve(x).numpy()
+    with tempfile.TemporaryDirectory(prefix="keras_prune_benchmark_") as folder:
+        for name, model in (("dense", dense), ("sparse", sparse)):
+            model.export(os.path.join(folder, name), verbose=False)
+            # Loading restores the weights into memory: the files can go.
+            served = tf.saved_model.load(os.path.join(folder, name))
+            timers[f"{name} served"] = lambda s=served: s.serve(x).numpy()
     times = time_interleaved(timers, repeats=repeats, warmup=2)
     difference = np.abs(
         sparse.predict(images[:1000], verbose=0)
