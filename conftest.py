@@ -1,4 +1,6 @@
-"""Shared pytest set-up: quiet TensorFlow and give doctests `np` and `keras`."""
+"""Shared pytest set-up: quiet TensorFlow, give doctests `np` and `keras`,
+and on other backends collect only the training side (masks, callbacks,
+schedules, converters), which must not need TensorFlow."""
 
 import os
 
@@ -7,6 +9,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Sparse inference, the native op, the MNIST job, its notebook and the
+# benchmarks are TensorFlow code.
+TENSORFLOW_ONLY = [
+    "keras_prune/backend.py",
+    "keras_prune/cli.py",
+    "keras_prune/convert.py",
+    "keras_prune/experiments",
+    "keras_prune/layers.py",
+    "keras_prune/native.py",
+    "keras_prune/sparse_ops.py",
+    "keras_prune/summary.py",
+    "tests/test_benchmark.py",
+    "tests/test_convert.py",
+    "tests/test_layers.py",
+    "tests/test_mnist.py",
+    "tests/test_native.py",
+    "tests/test_notebook.py",
+    "tests/test_summary.py",
+]
+collect_ignore = TENSORFLOW_ONLY if keras.backend.backend() != "tensorflow" else []
 
 
 @pytest.fixture(autouse=True)

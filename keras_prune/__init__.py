@@ -1,5 +1,10 @@
 """keras_prune: iterative magnitude pruning for Keras 3, with sparse inference.
 
+The training side (masks, callbacks, schedules, summaries, converters) runs
+on every Keras backend with `keras.ops` only; sparse inference
+(`SparseDense`'s kernels, `keras_prune.native`) needs TensorFlow and is
+imported on first use.
+
 Example:
 
 >>> import keras_prune as kp
@@ -8,15 +13,28 @@ Example:
 >>> model = kp.make_prunable(model)
 >>> history = model.fit(np.ones((16, 8)), np.ones((16, 4)), epochs=2, verbose=0,
 ...     callbacks=[kp.IterativePruningCallback(final_sparsity=0.75)])
->>> deployable = kp.export_sparse(model)
->>> kp.sparsity_summary(deployable).sparsity
+>>> kp.sparsity_summary(model).sparsity
 0.75
 """
 
 from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
-from keras_prune.convert import export_sparse, make_prunable
-from keras_prune.layers import MaskedDense, SparseDense, masked_layers
-from keras_prune.masks import magnitude_mask
+from keras_prune.convert import (
+    ConversionEntry,
+    ConversionReport,
+    conversion_report,
+    export_sparse,
+    make_prunable,
+    strip_pruning,
+)
+from keras_prune.layers import SparseDense
+from keras_prune.masking import (
+    PRUNABLE_WEIGHTS,
+    MaskedDense,
+    MaskedLayer,
+    masked_class,
+    masked_layers,
+)
+from keras_prune.masks import global_magnitude_masks, magnitude_mask
 from keras_prune.schedules import (
     ConstantSchedule,
     GeometricSchedule,
@@ -26,23 +44,31 @@ from keras_prune.schedules import (
 )
 from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DropoutScalingCallback",
+    "PRUNABLE_WEIGHTS",
     "ConstantSchedule",
+    "ConversionEntry",
+    "ConversionReport",
+    "DropoutScalingCallback",
     "GeometricSchedule",
     "IterativePruningCallback",
     "LayerSparsity",
     "ListSchedule",
     "MaskedDense",
+    "MaskedLayer",
     "PolynomialSchedule",
     "PruningSchedule",
     "SparseDense",
     "SparsitySummary",
+    "conversion_report",
     "export_sparse",
+    "global_magnitude_masks",
     "magnitude_mask",
     "make_prunable",
+    "masked_class",
     "masked_layers",
     "sparsity_summary",
+    "strip_pruning",
 ]

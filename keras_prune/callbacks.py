@@ -7,10 +7,21 @@ import warnings
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_prune.layers import MaskedDense, masked_layers, walk_layers
-from keras_prune.masks import magnitude_mask, validate_sparsity
+from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
+    MaskedDense,
+    MaskedLayer,
+    iter_masked_weights,
+    masked_layers,
+)
+from keras_prune.masks import (
+    global_magnitude_masks,
+    magnitude_mask,
+    pruned_count,
+    validate_sparsity,
+)
 from keras_prune.schedules import (
     SCHEDULES,
     PruningSchedule,
@@ -18,44 +29,92 @@ from keras_prune.schedules import (
     validate_step,
 )
 
+SCOPES = ("layer", "global")
+UNITS = ("epoch", "step")
+
 
 class IterativePruningCallback(keras.callbacks.Callback):
-    """Raises each `MaskedDense` layer's magnitude threshold between epochs.
+    """Raises the magnitude threshold of every masked layer during `fit`.
 
-    Before every epoch the callback asks its schedule for the sparsity that
-    epoch should train at; where that exceeds a layer's current sparsity, it
-    prunes the layer's smallest live weights (ranking only weights still
-    alive, so a pruned weight never comes back) and the epoch retrains the
-    survivors. With the default `end_epoch`, the last cut happens before the
-    last epoch, which therefore retrains at `final_sparsity`.
+    Before every epoch (or every training step, with `unit="step"`) the
+    callback asks its schedule for the sparsity training should run at;
+    where that exceeds the current sparsity it prunes the smallest live
+    weights (ranking only weights still alive, so a pruned weight never
+    comes back) and training retrains the survivors. With the default
+    `end_epoch`, the last cut happens before the last epoch, which therefore
+    retrains at `final_sparsity`.
+
+    It prunes every masked weight of the model, wherever the layer lives
+    (nested models, wrappers, custom layers): `MaskedDense`, any layer made
+    by `make_prunable` or `masked_class`. Each prunable weight (a kernel, an
+    LSTM's recurrent kernel) is ranked on its own with `scope="layer"`, or
+    all of them together with `scope="global"`. No tensor is ever pruned
+    empty: one weight is always kept, with a warning.
+
+    What else it guarantees, as Keras features write weights too:
+    - at each cut the pruned weights and the optimizer's state for them
+      (moments, momentum, EMA) are set to zero, so every element-wise
+      optimizer leaves them at exactly zero;
+    - after every epoch and after `fit` (after the optimizer's EMA is
+      copied back) pruned raw weights are zeroed again;
+    - if another callback or a load restored older, less sparse masks (for
+      example `EarlyStopping(restore_best_weights=True)` placed after this
+      callback restores them at the end of `fit`, or before the next
+      `fit`), the masks of the last cut are put back with a warning that
+      says what was rolled back.
 
     After every epoch, each layer's sparsity is added to `logs` as
     `"sparsity/<layer name>"`, so it shows in the progress bar and `History`.
 
+    In a custom training loop, drive it by hand: `callback.set_model(model)`,
+    `callback.set_params({"epochs": epochs})`, `callback.on_train_begin()`,
+    then per epoch `callback.on_epoch_begin(epoch)` before its steps (and,
+    with `unit="step"`, `callback.on_train_batch_begin(batch)` before each
+    step) and `callback.on_epoch_end(epoch, logs)` after, and
+    `callback.on_train_end()` at the end. A stateless JAX loop must write
+    its state back to the model's variables before these calls and read the
+    masks and weights from them after.
+
     Args:
-        final_sparsity: Fraction of each layer's kernel pruned by the end of
-            `fit`, in [0, 1), or a dict `{layer name: fraction}` to give
-            layers their own targets (layers not named are not pruned).
-            Required with a named schedule; leave it `None` with schedule
-            objects, which carry their own.
+        final_sparsity: Fraction of each prunable weight pruned by the end
+            of `fit` (of all of them together with `scope="global"`), in
+            [0, 1), or a dict `{layer name: fraction}` to give layers their
+            own targets (layers not named are not pruned). Required with a
+            named schedule; leave it `None` with schedule objects, which
+            carry their own.
         schedule: `"polynomial"` (Zhu & Gupta's cubic ramp), `"geometric"`
             (keep `factor` of the live weights at each cut, as Han et al.
             and the seed report), `"constant"` (one cut at `begin_epoch`),
-            a `PruningSchedule` object mapping an epoch to a sparsity, or a
-            dict `{layer name: PruningSchedule}`. Defaults to
+            a `PruningSchedule` object mapping an epoch (or step) to a
+            sparsity, or a dict `{layer name: PruningSchedule}`. Defaults to
             `"polynomial"`.
-        begin_epoch: The first epoch that trains pruned; the first cut
-            happens just before it. Defaults to `0`, right for a model that
-            is already trained; use 1 or more to train dense first.
-        end_epoch: The epoch before which the last cut happens, or `None`
-            for the last epoch of `fit`. Defaults to `None`.
-        frequency: Epochs between cuts. Defaults to `1`.
+        begin_epoch: The first epoch (step, with `unit="step"`) that trains
+            pruned; the first cut happens just before it. Defaults to `0`,
+            right for a model that is already trained; use 1 or more to
+            train dense first.
+        end_epoch: The epoch (step) before which the last cut happens, or
+            `None` for the last epoch (step) of `fit`. Defaults to `None`.
+        frequency: Epochs (steps) between cuts. Defaults to `1`.
         factor: Kept fraction per cut of the `"geometric"` schedule.
             Defaults to `0.7`.
+        scope: `"layer"` ranks each prunable weight on its own, so each
+            reaches its target; `"global"` ranks all of them together
+            (global magnitude pruning), so that layers with smaller weights
+            give up more. Defaults to `"layer"`.
+        min_kept: With `scope="global"`, the least fraction of its weights
+            each layer keeps: a number for every layer or a dict by layer
+            name. Defaults to `None` (at least one weight).
+        max_kept: With `scope="global"`, the most fraction of its weights
+            each layer keeps, likewise. Defaults to `None`.
+        unit: `"epoch"` or `"step"`: what `begin_epoch`, `end_epoch`,
+            `frequency` and the schedule count. With `"step"` the masks are
+            updated before training steps (optimizer iterations, so a
+            resumed run continues where it stopped): for `fit` with one
+            long epoch, or fine-tuning jobs. Defaults to `"epoch"`.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
-            model has no `MaskedDense` layer.
+            model has no masked layer or a name is not one.
 
     Example:
 
@@ -78,6 +137,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
         end_epoch: int | None = None,
         frequency: int = 1,
         factor: float = 0.7,
+        scope: str = "layer",
+        min_kept: float | dict[str, float] | None = None,
+        max_kept: float | dict[str, float] | None = None,
+        unit: str = "epoch",
     ):
         super().__init__()
         self.begin_epoch = validate_step(begin_epoch, "begin_epoch")
@@ -86,6 +149,31 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self.end_epoch = end_epoch
         self.frequency = validate_step(frequency, "frequency", minimum=1)
         self.factor = factor
+        if scope not in SCOPES:
+            raise ValueError(
+                f"Expected `scope` to be one of {list(SCOPES)}. "
+                f"Received: scope={scope!r}"
+            )
+        if unit not in UNITS:
+            raise ValueError(
+                f"Expected `unit` to be one of {list(UNITS)}. Received: unit={unit!r}"
+            )
+        if scope == "global" and (
+            isinstance(final_sparsity, dict) or isinstance(schedule, dict)
+        ):
+            raise ValueError(
+                'scope="global" ranks every layer together: it takes one '
+                "`final_sparsity` or schedule, not a dict by layer. Received: "
+                f"final_sparsity={final_sparsity!r}, schedule={schedule!r}"
+            )
+        if scope == "layer" and (min_kept is not None or max_kept is not None):
+            raise ValueError(
+                '`min_kept` and `max_kept` bound layers under scope="global". '
+                f"Received: min_kept={min_kept!r}, max_kept={max_kept!r} with "
+                'scope="layer"'
+            )
+        self.min_kept = self._validate_fractions(min_kept, "min_kept")
+        self.max_kept = self._validate_fractions(max_kept, "max_kept")
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(
@@ -120,7 +208,32 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 )
         self.final_sparsity = final_sparsity
         self.schedule = schedule
+        self.scope = scope
+        self.unit = unit
         self.layer_schedules: dict[str, PruningSchedule] = {}
+        self._cut_masks: dict[tuple[int, str], np.ndarray] = {}
+        self._warned_full: set[tuple[str, str]] = set()
+        self._applied: dict[str | None, float] = {}
+        self._epoch_start_step = 0
+        self._epoch = 0
+        self._pending = False
+
+    @staticmethod
+    def _validate_fractions(value: Any, name: str) -> Any:
+        if value is None:
+            return None
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, fraction in items:
+            label = name if key is None else f"{name}[{key!r}]"
+            if (
+                isinstance(fraction, bool)
+                or not isinstance(fraction, int | float)
+                or not 0.0 <= fraction <= 1.0
+            ):
+                raise ValueError(
+                    f"Expected `{label}` in [0, 1]. Received: {label}={fraction!r}"
+                )
+        return dict(value) if isinstance(value, dict) else float(value)
 
     @staticmethod
     def _validate_finals(final_sparsity: Any) -> float | dict[str, float]:
@@ -157,16 +270,35 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
         return SCHEDULES[name](final, self.begin_epoch)
 
-    def _resolve_schedules(self, epochs: int) -> dict[str, PruningSchedule]:
-        """Maps each pruned layer's name to its schedule for this `fit`."""
+    def _last_position(self) -> int:
+        """The last epoch (or step) of this `fit`, from the callback params."""
+        params = self.params or {}
+        epochs = params.get("epochs") or 1
+        if self.unit == "epoch":
+            return epochs - 1
+        steps = params.get("steps")
+        if not steps:
+            if self.end_epoch is None and isinstance(self.schedule, str):
+                raise ValueError(
+                    'With unit="step" and a dataset of unknown length, pass '
+                    "`end_epoch` (the step of the last cut). Received: "
+                    "end_epoch=None"
+                )
+            return self.end_epoch or 0
+        return self._epoch_start_step + epochs * steps - 1
+
+    def _resolve_schedules(self) -> dict[str | None, PruningSchedule]:
+        """Maps each pruned layer's name (`None`: all layers together) to its
+        schedule for this `fit`."""
         if isinstance(self.schedule, str):
+            last = self._last_position()
             end_epoch = self.end_epoch
             if end_epoch is None:
-                end_epoch = max(self.begin_epoch, epochs - 1)
-            if end_epoch > epochs - 1:
+                end_epoch = max(self.begin_epoch, last)
+            if end_epoch > last:
                 warnings.warn(
-                    f"`end_epoch`={end_epoch} is past the last epoch of this fit "
-                    f"({epochs - 1}): layers will not reach final_sparsity="
+                    f"`end_epoch`={end_epoch} is past the last {self.unit} of this "
+                    f"fit ({last}): layers will not reach final_sparsity="
                     f"{self.final_sparsity} in it.",
                     stacklevel=3,
                 )
@@ -176,6 +308,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
             }
         else:
             wanted = self._per_layer(self.schedule)
+        if self.scope == "global":
+            return wanted
         names = [layer.name for layer in self.layers]
         if None in wanted:
             return dict.fromkeys(names, wanted[None])
@@ -183,34 +317,111 @@ class IterativePruningCallback(keras.callbacks.Callback):
         if unknown:
             raise ValueError(
                 f"Expected the keys of `final_sparsity` or `schedule` to name "
-                f"MaskedDense layers of the model ({names}). Received: {unknown}"
+                f"masked layers of the model ({names}). Received: {unknown}"
             )
         return wanted
 
     @property
-    def layers(self) -> list[MaskedDense]:
-        """The `MaskedDense` layers of the model being trained."""
-        return masked_layers(self.model)
+    def layers(self) -> list[Any]:
+        """The masked layers of the model being trained, wherever they live."""
+        return [layer for layer in masked_layers(self.model) if layer.built]
 
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        if not self.layers:
-            raise ValueError(
-                "IterativePruningCallback found no MaskedDense layer to prune in "
-                f"model {self.model.name!r}. Build the model with "
-                "keras_prune.MaskedDense or convert it with "
-                "keras_prune.make_prunable(model)."
+    # --- the cuts -----------------------------------------------------
+    def _sync_backend_state(self) -> None:
+        # JAX's `fit` holds the variables' values in its own state during an
+        # epoch; write them back before reading or changing masks mid-epoch.
+        sync = getattr(self.model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
+
+    def _apply(self, layer: Any, new_masks: dict[str, np.ndarray]) -> None:
+        """Sets masks, zeroes the pruned weights and their optimizer state."""
+        layer.prune_to(new_masks, optimizer=getattr(self.model, "optimizer", None))
+        for key, mask in new_masks.items():
+            self._cut_masks[(id(layer), key)] = mask != 0
+
+    def _warn_if_full(self, layer: Any, key: str, sparsity: float, size: int) -> None:
+        if (
+            round(sparsity * size) >= size
+            and (layer.name, key) not in self._warned_full
+        ):
+            self._warned_full.add((layer.name, key))
+            warnings.warn(
+                f"A sparsity of {sparsity} would prune all {size} weights of "
+                f"{layer.name!r} ({key}); keeping its largest one.",
+                stacklevel=3,
             )
-        epochs = (self.params or {}).get("epochs") or 1
-        self.layer_schedules = self._resolve_schedules(epochs)
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+    def _cut(self, position: int) -> None:
+        """Prunes every layer to its schedule's sparsity at `position`."""
+        if self.scope == "global":
+            target = self.layer_schedules[None](position)
+            if target <= self._applied.get(None, -1.0):
+                return
+            self._sync_backend_state()
+            self._applied[None] = target
+            self._cut_global(target)
+            return
+        due = []
         for layer in self.layers:
-            if layer.name in self.layer_schedules:
-                self.prune_layer(layer, self.layer_schedules[layer.name](epoch))
+            schedule = self.layer_schedules.get(layer.name)
+            if schedule is not None:
+                target = schedule(position)
+                if target > self._applied.get(layer.name, -1.0):
+                    due.append((layer, target))
+        if due:
+            self._sync_backend_state()
+        for layer, target in due:
+            self._applied[layer.name] = target
+            changed = self._layer_masks(layer, target)
+            if changed:
+                self._apply(layer, changed)
+
+    def _layer_masks(self, layer: Any, sparsity: float) -> dict[str, np.ndarray]:
+        changed = {}
+        masks = layer.masks
+        for key, variable in layer.prunable_weights.items():
+            mask = ops.convert_to_numpy(masks[key])
+            self._warn_if_full(layer, key, sparsity, mask.size)
+            if pruned_count(sparsity, mask.size) <= mask.size - np.count_nonzero(mask):
+                continue
+            changed[key] = magnitude_mask(
+                ops.convert_to_numpy(variable), mask, sparsity
+            )
+        return changed
+
+    def _cut_global(self, sparsity: float) -> None:
+        entries = [
+            (layer, key, variable, mask)
+            for layer, key, variable, mask in iter_masked_weights(self.model)
+        ]
+
+        def bound(value: Any, layer: Any) -> float | None:
+            if isinstance(value, dict):
+                return value.get(layer.name)
+            return value
+
+        mins = [bound(self.min_kept, layer) for layer, *_ in entries]
+        maxs = [bound(self.max_kept, layer) for layer, *_ in entries]
+        old = [ops.convert_to_numpy(mask) for *_, mask in entries]
+        new = global_magnitude_masks(
+            [ops.convert_to_numpy(variable) for _, _, variable, _ in entries],
+            old,
+            sparsity,
+            min_kept=[0.0 if v is None else v for v in mins],
+            max_kept=[1.0 if v is None else v for v in maxs],
+        )
+        by_layer: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
+        for (layer, key, _, _), before, after in zip(entries, old, new, strict=True):
+            if np.count_nonzero(after) < np.count_nonzero(before):
+                by_layer.setdefault(id(layer), (layer, {}))[1][key] = after
+        for layer, changed in by_layer.values():
+            self._apply(layer, changed)
 
     @staticmethod
-    def prune_layer(layer: MaskedDense, sparsity: float) -> None:
-        """Prunes `layer` to `sparsity` if it is below it; never un-prunes.
+    def prune_layer(layer: Any, sparsity: float) -> None:
+        """Prunes each prunable weight of `layer` to `sparsity` by magnitude
+        if it is below it; never un-prunes, never empties a weight.
 
         Example:
 
@@ -220,23 +431,111 @@ class IterativePruningCallback(keras.callbacks.Callback):
         >>> layer.sparsity
         0.5
         """
-        current = layer.sparsity
-        size = math.prod(layer.mask.shape)
-        if round(sparsity * size) <= round(current * size):
-            return
-        layer.prune_to(
-            magnitude_mask(
-                ops.convert_to_numpy(layer.kernel),
-                ops.convert_to_numpy(layer.mask),
-                sparsity,
+        changed = {}
+        masks = layer.masks
+        for key, variable in layer.prunable_weights.items():
+            mask = ops.convert_to_numpy(masks[key])
+            new = magnitude_mask(ops.convert_to_numpy(variable), mask, sparsity)
+            if np.count_nonzero(new) < np.count_nonzero(mask):
+                changed[key] = new
+        if changed:
+            layer.prune_to(changed)
+
+    # --- guarding the masks -------------------------------------------
+    def _record_masks(self) -> None:
+        for layer, key, _, mask in iter_masked_weights(self.model):
+            self._cut_masks[(id(layer), key)] = ops.convert_to_numpy(mask) != 0
+
+    def _restore_rolled_back(self) -> None:
+        """Puts back the masks of the last cut where something restored
+        older, less sparse ones, and says so."""
+        for layer, key, _, mask in iter_masked_weights(self.model):
+            recorded = self._cut_masks.get((id(layer), key))
+            if recorded is None:
+                continue
+            current = ops.convert_to_numpy(mask) != 0
+            revived = int(np.count_nonzero(current & ~recorded))
+            if revived:
+                warnings.warn(
+                    f"Something restored an older mask of layer {layer.name!r} "
+                    f"({key}): {revived} pruned weights were alive again. "
+                    "keras_prune put back the mask of the last cut (weights "
+                    "restored with it stay restored, pruned ones are zero).",
+                    stacklevel=3,
+                )
+                layer.prune_to({key: recorded & current})
+
+    def _zero_pruned(self) -> None:
+        for layer in self.layers:
+            layer._masks_layer.zero_pruned()
+
+    # --- Keras hooks --------------------------------------------------
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        found = masked_layers(self.model)
+        if not found:
+            raise ValueError(
+                "IterativePruningCallback found no masked layer to prune in "
+                f"model {self.model.name!r}. Convert it with "
+                "keras_prune.make_prunable(model), or build it from masked "
+                "layers (keras_prune.MaskedDense, keras_prune.masked_class)."
             )
-        )
+        self._epoch = 0
+        # A model built by its first batch (a Sequential without an Input,
+        # on TensorFlow) gets its masks then: start after that batch.
+        self._pending = not all(layer.built for layer in found)
+        if not self._pending:
+            self._start()
+
+    def _start(self) -> None:
+        self._sync_backend_state()
+        self._epoch_start_step = self._iterations()
+        self._applied = {}
+        self.layer_schedules = self._resolve_schedules()
+        if self._cut_masks:
+            self._restore_rolled_back()
+        self._record_masks()
+
+    def _iterations(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return 0
+        return int(ops.convert_to_numpy(optimizer.iterations))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        if self._pending:
+            return
+        self._restore_rolled_back()
+        if self.unit == "epoch":
+            self._cut(epoch)
+        else:
+            self._epoch_start_step = self._iterations()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self.unit == "step" and not self._pending:
+            self._cut(self._epoch_start_step + batch)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._pending and all(layer.built for layer in masked_layers(self.model)):
+            self._pending = False
+            self._start()
+            if self.unit == "epoch":
+                self._cut(self._epoch)
+            else:
+                self._epoch_start_step = self._iterations() - batch - 1
+                self._cut(self._epoch_start_step + batch + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._zero_pruned()
         if logs is None:
             return
         for layer in self.layers:
             logs[f"sparsity/{layer.name}"] = layer.sparsity
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # Runs after `fit` copied an optimizer's EMA weights back.
+        self._restore_rolled_back()
+        self._zero_pruned()
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -246,6 +545,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "end_epoch": self.end_epoch,
             "frequency": self.frequency,
             "factor": self.factor,
+            "scope": self.scope,
+            "min_kept": self.min_kept,
+            "max_kept": self.max_kept,
+            "unit": self.unit,
         }
 
 
@@ -259,12 +562,12 @@ class DropoutScalingCallback(keras.callbacks.Callback):
     each epoch's new mask. A changed rate retraces the training function.
 
     Args:
-        dropout_for: `{dropout layer name: MaskedDense layer name}`, pairing
+        dropout_for: `{dropout layer name: masked layer name}`, pairing
             each `Dropout` with the pruned layer whose inputs it drops.
 
     Raises:
         ValueError: If `dropout_for` is not a non-empty dict of names; at the
-            start of `fit`, if a name is not a `Dropout` or `MaskedDense` of
+            start of `fit`, if a name is not a `Dropout` or a masked layer of
             the model.
 
     Example:
@@ -289,22 +592,25 @@ class DropoutScalingCallback(keras.callbacks.Callback):
         ):
             raise ValueError(
                 "Expected `dropout_for` to be a non-empty dict of "
-                "{dropout layer name: MaskedDense layer name}. "
+                "{dropout layer name: masked layer name}. "
                 f"Received: dropout_for={dropout_for!r}"
             )
         self.dropout_for = dict(dropout_for)
         self.initial_rates: dict[str, float] = {}
 
-    def _pairs(self) -> list[tuple[keras.layers.Dropout, MaskedDense]]:
-        by_name = {layer.name: layer for layer in walk_layers(self.model)}
+    def _pairs(self) -> list[tuple[keras.layers.Dropout, Any]]:
+        by_name = {
+            layer.name: layer
+            for layer in self.model._flatten_layers(include_self=False)
+        }
         pairs = []
         for dropout_name, masked_name in self.dropout_for.items():
             dropout, masked = by_name.get(dropout_name), by_name.get(masked_name)
             if not isinstance(dropout, keras.layers.Dropout) or not isinstance(
-                masked, MaskedDense
+                masked, MaskedLayer
             ):
                 raise ValueError(
-                    "Expected `dropout_for` to pair Dropout layers with MaskedDense "
+                    "Expected `dropout_for` to pair Dropout layers with masked "
                     f"layers of the model. Received: {dropout_name!r} -> "
                     f"{masked_name!r}, a {type(dropout).__name__} and a "
                     f"{type(masked).__name__}"

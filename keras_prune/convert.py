@@ -1,12 +1,20 @@
-"""Model converters: `make_prunable` (Dense -> MaskedDense) and
-`export_sparse` (MaskedDense -> SparseDense).
+"""Model converters: `make_prunable` (stock layers -> masked layers),
+`strip_pruning` (masked layers -> stock layers holding `weight * mask`) and
+`export_sparse` (large sparse Dense layers -> `SparseDense`).
 
-Both clone the model with `keras.models.clone_model`, copy every weight
-across, and leave the input model untouched.
+None of them mutates its input unless asked to (`inplace=True`). Copies are
+made through Keras's own saving format with the model's live functions and
+classes in scope, so the user's unregistered activations, losses and layer
+classes need no registration; a copy owns its buffers (on JAX too).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import os
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,12 +22,17 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_prune import sparse_ops
-from keras_prune.layers import MaskedDense, SparseDense, walk_layers
+from keras_prune.masking import MaskedDense, MaskedLayer, is_prunable, masked_class  # noqa: F401
 
-# Dense arguments with no MaskedDense counterpart; a Dense that uses them is
-# refused rather than silently changed.
-_DENSE_ONLY_KEYS = ("lora_rank", "lora_alpha", "quantization_config")
+_NORMALIZATION = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.UnitNormalization,
+)
+
+
+_NORMALIZATION_REASON = "normalization weights are not pruned"
 
 
 def _check_model(model: Any, function: str) -> None:
@@ -30,45 +43,168 @@ def _check_model(model: Any, function: str) -> None:
         )
 
 
-def _clone(
-    model: keras.Model,
-    replace: Callable[[keras.layers.Layer], Any],
-    compiled: bool,
-) -> keras.Model:
-    """Clones `model`, building each layer with `replace(layer)` (or a plain
-    config copy when it returns `None`), then copies the weights across.
+def _live_objects(model: keras.Model) -> dict[str, Any]:
+    """The functions and classes a model's config names, by those names.
 
-    `keras.models.clone_model` compiles the clone like `model`; with
-    `compiled=False` the result is rebuilt from its config, uncompiled, so
-    that no optimizer state goes into its files."""
-    pairs = []
+    With these in a `custom_object_scope`, the model's config deserializes
+    although the user never registered them."""
+    found: dict[str, Any] = {}
 
-    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
-        new_layer = replace(layer)
-        if new_layer is None:
-            new_layer = layer.__class__.from_config(layer.get_config())
-            pairs.append((layer, new_layer))
-        return new_layer
+    def add(value: Any) -> None:
+        if inspect.isfunction(value):
+            found.setdefault(value.__name__, value)
+        elif isinstance(value, type):
+            found.setdefault(value.__name__, value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+        elif hasattr(value, "get_config") and not isinstance(value, keras.Variable):
+            found.setdefault(type(value).__name__, type(value))
 
-    try:
-        clone = keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        found.setdefault(type(layer).__name__, type(layer))
+        for value in vars(layer).values():
+            if not isinstance(value, keras.layers.Layer):
+                add(value)
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is not None:
+        add(getattr(compile_config, "config", {}))
+    return found
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """Returns an independent copy of `model`: same class, config and
+    weights, its own buffers, compiled like `model` with a fresh optimizer.
+
+    The copy goes through Keras's own `.keras` format (in a temporary
+    folder) with the model's live functions and classes in scope, so the
+    user's unregistered activations, losses and layers need no registration.
+
+    Raises:
+        ValueError: If the model cannot be rebuilt from its config (a
+            subclassed model whose `get_config` does not describe it).
+    """
+    objects = _live_objects(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "copy.keras")
+        try:
+            with warnings.catch_warnings():
+                # An unbuilt model copies fine: it is built when it runs.
+                warnings.filterwarnings("ignore", "You are saving a model that has not")
+                model.save(path)
+            with keras.saving.custom_object_scope(objects):
+                clone = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # noqa: BLE001 - any failure of the copy
+            raise ValueError(
+                f"Could not copy model {model.name!r} of type "
+                f"{type(model).__name__} through its config ({error}). Give it "
+                "a `get_config()` that rebuilds it, or convert it in place "
+                "with `inplace=True`."
+            ) from error
+    if model.compiled and getattr(model, "_compile_config", None) is not None:
+        with keras.saving.custom_object_scope(objects):
+            clone.compile_from_config(model.get_compile_config())
+    return clone
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionEntry:
+    """One layer that `make_prunable` looked at.
+
+    Attributes:
+        name: The layer's name.
+        kind: Its class name before conversion.
+        status: `"masked"` (converted), `"already masked"`, or `"left"`.
+        reason: Why a layer was left (empty when masked).
+        weights: The layer's own trainable weight count.
+        masked_weights: How many of them the masks cover.
+    """
+
+    name: str
+    kind: str
+    status: str
+    reason: str
+    weights: int
+    masked_weights: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    """What `make_prunable` converted and what it left, and why.
+
+    `str(report)` is a table; `report.entries` holds the rows.
+    """
+
+    entries: tuple[ConversionEntry, ...]
+
+    @property
+    def masked(self) -> list[str]:
+        """Names of the layers whose weights are masked."""
+        return [e.name for e in self.entries if e.status != "left"]
+
+    @property
+    def left(self) -> list[ConversionEntry]:
+        """The layers left unmasked, with their reasons."""
+        return [e for e in self.entries if e.status == "left"]
+
+    def __str__(self) -> str:
+        rows = [("layer", "type", "status", "weights", "masked", "reason")]
+        rows += [
+            (
+                e.name,
+                e.kind,
+                e.status,
+                f"{e.weights:,}",
+                f"{e.masked_weights:,}",
+                e.reason,
+            )  # fmt: skip
+            for e in self.entries
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        return "\n".join(
+            "  ".join(
+                cell.rjust(w) if i in (3, 4) else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
         )
-    except ValueError as error:
-        raise ValueError(
-            "Only Sequential and Functional models can be converted; build a "
-            "subclassed model with `keras_prune.MaskedDense` directly. "
-            f"Received: model={model.name!r} of type {type(model).__name__} "
-            f"({error})"
-        ) from error
-    for old, new in pairs:
-        if old.built and old.weights:
-            new.set_weights(old.get_weights())
-    if compiled or not clone.compiled:
-        return clone
-    plain = clone.__class__.from_config(clone.get_config())
-    plain.set_weights(clone.get_weights())
-    return plain
+
+
+def _own_trainable_count(layer: Any) -> int:
+    """Trainable weights held by `layer` itself (not by its sublayers)."""
+    return sum(int(np.prod(v.shape)) for v in layer._trainable_variables)
+
+
+def _all_trainable_count(layer: Any) -> int:
+    return sum(int(np.prod(v.shape)) for v in layer.trainable_weights)
+
+
+def _leave_reason(layer: Any) -> str:
+    if isinstance(layer, _NORMALIZATION):
+        return _NORMALIZATION_REASON
+    return (
+        f"no pruning rule for {type(layer).__name__}: give it a "
+        "`get_prunable_weights()` method"
+    )
+
+
+def _why_not(layer: Any) -> str | None:
+    """Why a prunable layer cannot be masked now, or `None`."""
+    if getattr(layer, "quantization_mode", None) is not None:
+        return (
+            f"quantized ({layer.quantization_mode}): prune before "
+            "`quantize`, after `strip_pruning`"
+        )
+    return None
+
+
+def _mask_in_place(layer: Any) -> None:
+    layer.__class__ = masked_class(type(layer))
+    if layer.built:
+        layer._attach_masks()
 
 
 def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
@@ -87,25 +223,106 @@ def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
     )
 
 
-def make_prunable(model: keras.Model, layers: Any = None) -> keras.Model:
-    """Returns a copy of `model` in which `Dense` layers become `MaskedDense`.
+def _convert(
+    model: keras.Model, selected: Callable[[Any], bool], apply: bool = True
+) -> ConversionReport:
+    """Walks `model` and masks every selected prunable layer in place (or,
+    with `apply=False`, only reports)."""
+    entries: list[ConversionEntry] = []
+    seen: set[int] = set()
 
-    The copy has the same weights and full masks, so its outputs equal the
-    input model's; if the input model was compiled, the copy is compiled the
-    same way (with a fresh optimizer). The input model is not changed.
+    def entry(layer: Any, kind: str, status: str, reason: str = "") -> None:
+        masked = 0
+        if isinstance(layer, MaskedLayer) and layer.built:
+            masked = sum(int(np.prod(w.shape)) for w in layer.prunable_weights.values())
+        weights = _own_trainable_count(layer)
+        if isinstance(layer, MaskedLayer) or is_prunable(layer):
+            weights = _all_trainable_count(layer)
+        entries.append(
+            ConversionEntry(layer.name, kind, status, reason, weights, masked)
+        )
+
+    def visit(parent: Any) -> None:
+        for layer in parent._flatten_layers(include_self=False, recursive=False):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            kind = type(layer).__name__
+            if isinstance(layer, MaskedLayer):
+                entry(layer, kind, "already masked")
+            elif is_prunable(layer) and not isinstance(layer, keras.Model):
+                reason = _why_not(layer)
+                if not apply:
+                    reason = reason or "not masked"
+                elif not selected(layer):
+                    reason = "not selected by `layers`"
+                if reason is None:
+                    _mask_in_place(layer)
+                    entry(layer, kind, "masked")
+                else:
+                    entry(layer, kind, "left", reason)
+            else:
+                if _own_trainable_count(layer):
+                    entry(layer, kind, "left", _leave_reason(layer))
+                visit(layer)
+
+    visit(model)
+    return ConversionReport(tuple(entries))
+
+
+def _reset_compiled_functions(model: keras.Model) -> None:
+    # Functions traced before the conversion called the unmasked layers.
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+
+
+def make_prunable(
+    model: keras.Model,
+    layers: Any = None,
+    *,
+    inplace: bool = False,
+    verbose: bool = True,
+) -> keras.Model:
+    """Returns `model` with a pruning mask on every prunable weight.
+
+    Each selected layer of a covered class (Dense, EinsumDense, every
+    convolution, Embedding, SimpleRNN/LSTM/GRU and their cells, and custom
+    layers with `get_prunable_weights()`) becomes its masked class
+    (`masked_class`), wherever it lives: in Sequential, Functional and
+    subclassed models, nested models, wrappers (`TimeDistributed`,
+    `Bidirectional`) and custom layers; a shared layer is masked once. The
+    masks start at ones, so the outputs are unchanged. An unbuilt layer gets
+    its masks when it is built.
+
+    By default the conversion runs on a copy (`copy_model`): the input model
+    is untouched, and the copy is compiled like it. With `inplace=True` the
+    layers of `model` itself change class (for models that cannot be copied
+    through their config).
+
+    Nothing is skipped silently: layers that hold trainable weights and stay
+    unmasked for a reason other than design (quantized layers, classes
+    without a rule) are listed with their reasons in a warning
+    (`verbose=False` silences it), and `conversion_report(model)` gives the
+    whole table, normalization layers included. Biases and normalization
+    weights are never masked.
 
     Args:
-        model: A Sequential or Functional `keras.Model`.
-        layers: Which `Dense` layers to convert: `None` for all, a list of
+        model: A `keras.Model` of any kind.
+        layers: Which prunable layers to mask: `None` for all, a list of
             layer names, or a callable `layer -> bool`. Defaults to `None`.
+        inplace: Convert `model` itself instead of a copy. Defaults to
+            `False`.
+        verbose: Warn about layers with weights left unmasked. Defaults to
+            `True`.
 
     Returns:
-        A new `keras.Model`.
+        The converted model (a new one unless `inplace=True`).
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
-        ValueError: If a named layer is missing or is not a plain `Dense`, or
-            if a `Dense` uses LoRA or quantization.
+        ValueError: If a name in `layers` is not in the model or cannot be
+            masked (the message says why), or the model cannot be copied.
 
     Example:
 
@@ -117,66 +334,172 @@ def make_prunable(model: keras.Model, layers: Any = None) -> keras.Model:
     _check_model(model, "make_prunable")
     selected = _layer_selector(layers)
     if layers is not None and not callable(layers):
-        by_name = {layer.name: layer for layer in walk_layers(model)}
-        for name in [layers] if isinstance(layers, str) else layers:
-            if type(by_name.get(name)) is not keras.layers.Dense:
-                raise ValueError(
-                    "Expected every name in `layers` to be a keras.layers.Dense "
-                    f"layer of the model. Received: layers={layers!r}; {name!r} "
-                    + (
-                        "is not in the model"
-                        if name not in by_name
-                        else f"is a {type(by_name[name]).__name__}"
-                    )
-                )
+        _check_names(model, [layers] if isinstance(layers, str) else list(layers))
+    target = model if inplace else copy_model(model)
+    report = _convert(target, selected)
+    _reset_compiled_functions(target)
+    left = [
+        e
+        for e in report.left
+        if e.reason not in ("not selected by `layers`", _NORMALIZATION_REASON)
+    ]
+    if verbose and left:
+        lines = "\n".join(
+            f"  {e.name} ({e.kind}, {e.weights:,} weights): {e.reason}" for e in left
+        )
+        warnings.warn(
+            f"make_prunable left {len(left)} layer(s) with trainable weights "
+            f"unmasked:\n{lines}",
+            stacklevel=2,
+        )
+    return target
 
-    def replace(layer: keras.layers.Layer) -> MaskedDense | None:
-        if type(layer) is not keras.layers.Dense or not selected(layer):
-            return None
-        config = layer.get_config()
-        if config.get("lora_rank") or layer.quantization_mode is not None:
+
+def _check_names(model: keras.Model, names: list[str]) -> None:
+    by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+    for name in names:
+        layer = by_name.get(name)
+        if layer is None:
+            reason = "is not in the model"
+        elif isinstance(layer, keras.Model) or not is_prunable(layer):
+            reason = f"is a {type(layer).__name__}, which has no pruning rule"
+        else:
+            reason = _why_not(layer)
+        if reason is not None:
             raise ValueError(
-                "Cannot make a LoRA-enabled or quantized Dense prunable. "
-                f"Received: layer {layer.name!r}"
+                "Expected every name in `layers` to be a prunable layer of the "
+                f"model. Received: layers={names!r}; {name!r} {reason}"
             )
-        for key in _DENSE_ONLY_KEYS:
-            config.pop(key, None)
-        masked = MaskedDense.from_config(config)
-        if layer.built:
-            masked.build(layer.kernel.shape[:1])
-            masked.kernel.assign(layer.kernel)
-            if layer.use_bias:
-                masked.bias.assign(layer.bias)
-        return masked
-
-    return _clone(model, replace, compiled=True)
 
 
-EXPORT_COMPUTE = ("auto", "dense", *sparse_ops.PATHS)
+def conversion_report(model: keras.Model) -> ConversionReport:
+    """Lists every layer of `model` with trainable weights: masked or not,
+    and why not.
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        A `ConversionReport`; print it for a table.
+
+    Example:
+
+    >>> model = make_prunable(keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(3, name="fc"),
+    ...     keras.layers.LayerNormalization(name="norm")]), verbose=False)
+    >>> [(e.name, e.status) for e in conversion_report(model).entries]
+    [('fc', 'already masked'), ('norm', 'left')]
+    """
+    _check_model(model, "conversion_report")
+    return _convert(model, lambda layer: False, apply=False)
+
+
+def _unmask_in_place(layer: Any) -> None:
+    """Turns a masked layer back into its stock class, `weight * mask` kept."""
+    masks = layer._masks_layer
+    if masks is not None:
+        masks.zero_pruned()
+        locked = layer._tracker.locked
+        layer._tracker.unlock()
+        if masks in layer._layers:
+            layer._layers.remove(masks)
+        object.__delattr__(layer, "pruning_masks")
+        object.__setattr__(layer, "_masks_layer", None)
+        if locked:
+            layer._tracker.lock()
+    layer.__class__ = type(layer).__mro__[2]
+
+
+def strip_pruning(model: keras.Model, *, inplace: bool = False) -> keras.Model:
+    """Returns `model` with every masked layer back to its stock class.
+
+    Each layer keeps `weight * mask` as its weights, so predictions do not
+    change; the masks are gone. Use it before Keras features that need the
+    stock classes, such as `model.quantize("int8")`, or to hand the model to
+    code that does not know keras_prune.
+
+    Args:
+        model: A `keras.Model` of any kind.
+        inplace: Change `model` itself instead of a copy. Defaults to `False`.
+
+    Returns:
+        The stripped model (a new one unless `inplace=True`).
+
+    Example:
+
+    >>> model = make_prunable(keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(2)]))
+    >>> type(strip_pruning(model).layers[0]).__name__
+    'Dense'
+
+    Reference:
+        TFMOT's `strip_pruning`
+        (tensorflow/model-optimization, `prune.py`).
+    """
+    _check_model(model, "strip_pruning")
+    target = model if inplace else copy_model(model)
+    for layer in target._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, MaskedLayer):
+            _unmask_in_place(layer)
+    _reset_compiled_functions(target)
+    return target
+
+
+def _clone_functional(
+    model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
+) -> keras.Model:
+    """Clones a Sequential/Functional `model`, building each layer with
+    `replace(layer)` (or a plain copy when it returns `None`), uncompiled."""
+    pairs = []
+
+    def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
+        new_layer = replace(layer)
+        if new_layer is None:
+            new_layer = layer.__class__.from_config(layer.get_config())
+            pairs.append((layer, new_layer))
+        return new_layer
+
+    with keras.saving.custom_object_scope(_live_objects(model)):
+        clone = keras.models.clone_model(
+            model, clone_function=clone_function, recursive=True
+        )
+        for old, new in pairs:
+            if old.built and old.weights:
+                new.set_weights([np.array(w) for w in old.get_weights()])
+        if not clone.compiled:
+            return clone
+        plain = clone.__class__.from_config(clone.get_config())
+    plain.set_weights([np.array(w) for w in clone.get_weights()])
+    return plain
+
+
+EXPORT_COMPUTE = ("auto", "dense", "native", "coo", "csr")
 
 
 def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
-    """Returns a copy of `model` with every `MaskedDense` made deployable.
+    """Returns a copy of `model` made deployable: masks gone, large sparse
+    Dense layers stored and multiplied sparse.
 
-    A layer sparse and large enough for the sparse kernels to pay off (at
-    most `sparse_ops.DENSE_MIN_DENSITY` of its weights kept, and at least
-    `sparse_ops.SPARSE_MIN_WEIGHTS` weights, ten times more without the
-    native kernel; see `sparse_ops.pays_off`) becomes a `SparseDense` that
-    holds only the nonzeros of `kernel * mask` and multiplies with the
-    sparse kernels; any other becomes a plain
-    `keras.layers.Dense` with the masked kernel, since a dense matmul is as
-    fast there: an exported layer is never slower than the `Dense` it
-    replaces. Every other layer keeps its
-    weights, so predictions equal the masked model's up to float32
-    round-off. The input model is not changed.
+    Every masked layer becomes its stock class holding `weight * mask`
+    (see `strip_pruning`). A masked Dense layer sparse and large enough for
+    the sparse kernels to pay off (at most `sparse_ops.DENSE_MIN_DENSITY`
+    of its weights kept, and at least `sparse_ops.SPARSE_MIN_WEIGHTS`
+    weights, ten times more without the native kernel; see
+    `sparse_ops.pays_off`) becomes a `SparseDense` that holds only the
+    nonzeros and multiplies with the sparse kernels; any other stays a
+    plain `keras.layers.Dense`, since a dense matmul is as fast there: an
+    exported layer is never slower than the `Dense` it replaces. Predictions
+    equal the masked model's up to float32 round-off. The input model is
+    not changed. `SparseDense` needs the TensorFlow backend.
 
     Args:
-        model: A Sequential or Functional `keras.Model`.
+        model: A Sequential or Functional `keras.Model` (any model with
+            `compute="dense"`, which only strips the masks).
         compute: `"auto"` as above; `"native"`, `"coo"` or `"csr"` to make
-            every masked layer a `SparseDense` forced to that kernel
+            every masked Dense a `SparseDense` forced to that kernel
             (`"coo"` and `"csr"` are TensorFlow's own ops: plain TensorFlow
             serves their SavedModels); `"dense"` to make every masked layer
-            a `Dense`. Defaults to `"auto"`.
+            its stock class. Defaults to `"auto"`.
 
     Returns:
         A new, uncompiled `keras.Model`, ready for `predict`, `save` and
@@ -185,7 +508,10 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
-        ValueError: If `compute` is not one of the above.
+        ValueError: If `compute` is not one of the above, or a subclassed
+            model would need `SparseDense` layers.
+        RuntimeError: If `SparseDense` layers are needed off the TensorFlow
+            backend.
 
     Example:
 
@@ -205,41 +531,93 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
             f"Expected `compute` to be one of {list(EXPORT_COMPUTE)}. "
             f"Received: compute={compute!r}"
         )
-
-    def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
-        if not isinstance(layer, MaskedDense):
-            return None
-        if not layer.built:
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, MaskedLayer) and not layer.built:
             raise ValueError(
-                "Expected every MaskedDense to be built before export. "
+                "Expected every masked layer to be built before export. "
                 f"Received: layer {layer.name!r}, not built"
             )
+    sparse = {id(layer): layer for layer in _sparse_candidates(model, compute)}
+    if not sparse:
+        stripped = strip_pruning(model)
+        if stripped.compiled and _is_graph_model(stripped):
+            stripped = _uncompiled(stripped)
+        return stripped
+    if not _is_graph_model(model):
+        raise ValueError(
+            "export_sparse can swap in SparseDense layers only in Sequential and "
+            "Functional models. Received: model="
+            f"{model.name!r} of type {type(model).__name__}. Use "
+            'compute="dense" (or strip_pruning) to get a stock model.'
+        )
+    from keras_prune.backend import tensorflow_module
+    from keras_prune.layers import SparseDense
+
+    tensorflow_module("export_sparse")
+
+    def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
+        if isinstance(layer, MaskedLayer) and id(layer) not in sparse:
+            return _stock_copy(layer)
+        if id(layer) not in sparse:
+            return None
         config = layer.get_config()
-        kernel = ops.convert_to_numpy(layer.masked_kernel)
-        bias = None if layer.bias is None else ops.convert_to_numpy(layer.bias)
-        density = np.count_nonzero(kernel) / kernel.size
-        if compute == "dense" or (
-            compute == "auto" and not sparse_ops.pays_off(density, kernel.size)
-        ):
-            dense = keras.layers.Dense(
-                layer.units,
-                activation=config["activation"],
-                use_bias=layer.use_bias,
-                name=config["name"],
-                dtype=config["dtype"],
-            )
-            dense.build((None, kernel.shape[0]))
-            dense.kernel.assign(kernel)
-            if bias is not None:
-                dense.bias.assign(bias)
-            return dense
         return SparseDense.from_kernel(
-            kernel,
-            bias=bias,
-            activation=config["activation"],
+            ops.convert_to_numpy(layer.masked_kernel),
+            bias=None if layer.bias is None else ops.convert_to_numpy(layer.bias),
+            activation=layer.activation,
             compute=compute,
             name=config["name"],
             dtype=config["dtype"],
         )
 
-    return _clone(model, replace, compiled=False)
+    return _clone_functional(model, replace)
+
+
+def _is_graph_model(model: keras.Model) -> bool:
+    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"
+
+
+def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:
+    """The masked Dense layers that `export_sparse` makes `SparseDense`."""
+    if compute == "dense":
+        return []
+    found = []
+    for layer in model._flatten_layers(include_self=False):
+        if not (
+            isinstance(layer, MaskedLayer) and isinstance(layer, keras.layers.Dense)
+        ):
+            continue
+        if layer.lora_enabled or layer.quantization_mode is not None:
+            continue
+        if compute != "auto":
+            found.append(layer)
+            continue
+        from keras_prune import sparse_ops
+
+        mask = ops.convert_to_numpy(layer.masks["kernel"])
+        if sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size):
+            found.append(layer)
+    return found
+
+
+def _stock_copy(layer: Any) -> keras.layers.Layer:
+    """A new stock-class layer with `layer`'s config and masked weights."""
+    base = type(layer).__mro__[2]
+    layer._masks_layer.zero_pruned()
+    stock = base.from_config(layer.get_config())
+    stock.build_from_config(layer.get_build_config())
+    stock.set_weights(
+        [
+            np.array(w)
+            for w in layer.weights
+            if not any(w is m for m in layer.masks.values())
+        ]
+    )
+    return stock
+
+
+def _uncompiled(model: keras.Model) -> keras.Model:
+    with keras.saving.custom_object_scope(_live_objects(model)):
+        plain = model.__class__.from_config(model.get_config())
+    plain.set_weights([np.array(w) for w in model.get_weights()])
+    return plain

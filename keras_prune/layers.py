@@ -1,17 +1,32 @@
-"""Keras layers: `MaskedDense` for training with pruning, `SparseDense` for
-inference with only the surviving weights."""
+"""`SparseDense`: a Dense layer that stores and multiplies only its nonzeros.
+
+The layer class is importable on any backend (so that `.keras` files that
+hold it can be read), but computing with it needs TensorFlow: its kernels
+(`keras_prune.sparse_ops`, `keras_prune.native`) are imported on first use.
+"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import keras
 import numpy as np
-from keras import activations, constraints, initializers, ops, regularizers
+from keras import activations, ops
 
-from keras_prune import sparse_ops
-from keras_prune.masks import sparsity_of
+from keras_prune.backend import tensorflow_module
+
+# The kernels a `SparseDense` can run (see `keras_prune.sparse_ops`).
+PATHS = ("native", "coo", "csr")
+# Dtypes the native kernel takes (it computes in float32).
+NATIVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _sparse_ops() -> Any:
+    """`keras_prune.sparse_ops`, imported on first use (it needs TensorFlow)."""
+    tensorflow_module("SparseDense")
+    from keras_prune import sparse_ops
+
+    return sparse_ops
 
 
 def _validate_units(units: Any) -> int:
@@ -29,190 +44,6 @@ def _add_bias_and_activate(layer: Any, outputs: Any) -> Any:
     if layer.activation is not None:
         outputs = layer.activation(outputs)
     return outputs
-
-
-@keras.saving.register_keras_serializable(package="keras_prune")
-class MaskedDense(keras.layers.Layer):
-    """A `Dense` layer whose kernel is multiplied by a fixed 0/1 mask.
-
-    The layer computes `activation(inputs @ (kernel * mask) + bias)`, for
-    inputs of any rank >= 2, exactly like `keras.layers.Dense`. The `mask`
-    weight has the kernel's shape, is not trainable and starts at ones; a
-    pruning callback such as `IterativePruningCallback` sets some of it to 0.
-
-    A pruned weight gets zero gradient and stays exactly zero in the raw
-    kernel: after every optimizer step the kernel is multiplied by the mask
-    again (through the kernel's constraint), so neither momentum (Adam) nor
-    weight decay (AdamW) can revive it.
-
-    Args:
-        units: Positive integer, dimensionality of the output space.
-        activation: Activation function, or `None` for linear. Defaults to
-            `None`.
-        use_bias: Whether the layer adds a bias vector. Defaults to `True`.
-        kernel_initializer: Initializer of the kernel. Defaults to
-            `"glorot_uniform"`.
-        bias_initializer: Initializer of the bias. Defaults to `"zeros"`.
-        kernel_regularizer: Regularizer applied to the kernel. Defaults to
-            `None`.
-        bias_regularizer: Regularizer applied to the bias. Defaults to `None`.
-        activity_regularizer: Regularizer applied to the output. Defaults to
-            `None`.
-        kernel_constraint: Constraint applied to the kernel before the mask.
-            Defaults to `None`.
-        bias_constraint: Constraint applied to the bias. Defaults to `None`.
-        **kwargs: Base layer arguments, such as `name` and `dtype`.
-
-    Input shape:
-        N-D tensor with shape `(batch_size, ..., input_dim)`.
-
-    Output shape:
-        N-D tensor with shape `(batch_size, ..., units)`.
-
-    Example:
-
-    >>> layer = MaskedDense(2)
-    >>> y = layer(np.ones((1, 3)))
-    >>> layer.prune_to(np.array([[1, 0], [1, 0], [1, 0]]))
-    >>> layer.sparsity
-    0.5
-
-    Reference:
-        Han et al. 2015, "Learning both Weights and Connections for Efficient
-        Neural Networks", arXiv:1506.02626.
-    """
-
-    def __init__(
-        self,
-        units: int,
-        activation: Any = None,
-        use_bias: bool = True,
-        kernel_initializer: Any = "glorot_uniform",
-        bias_initializer: Any = "zeros",
-        kernel_regularizer: Any = None,
-        bias_regularizer: Any = None,
-        activity_regularizer: Any = None,
-        kernel_constraint: Any = None,
-        bias_constraint: Any = None,
-        **kwargs: Any,
-    ):
-        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        self.units = _validate_units(units)
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
-        self.input_spec = keras.layers.InputSpec(min_ndim=2)
-        self.supports_masking = True
-
-    def build(self, input_shape: tuple) -> None:
-        kernel_shape = (input_shape[-1], self.units)
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=kernel_shape,
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self._constrain_kernel,
-        )
-        self.bias = (
-            self.add_weight(
-                name="bias",
-                shape=(self.units,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-            if self.use_bias
-            else None
-        )
-        self.mask = self.add_weight(
-            name="mask", shape=kernel_shape, initializer="ones", trainable=False
-        )
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
-
-    def save_own_variables(self, store: Any) -> None:
-        # The mask is saved as bits: a masked model's file is then barely
-        # larger than the Dense model's, instead of twice its size.
-        store["kernel"] = ops.convert_to_numpy(self.kernel)
-        if self.bias is not None:
-            store["bias"] = ops.convert_to_numpy(self.bias)
-        store["mask_bits"] = np.packbits(ops.convert_to_numpy(self.mask).ravel() != 0)
-
-    def load_own_variables(self, store: Any) -> None:
-        expected = {"kernel", "mask_bits"} | ({"bias"} if self.use_bias else set())
-        if set(store.keys()) != expected:
-            raise ValueError(
-                f"Layer {self.name!r} expects the saved arrays {sorted(expected)}. "
-                f"Received: {sorted(store.keys())}"
-            )
-        self.kernel.assign(store["kernel"])
-        if self.bias is not None:
-            self.bias.assign(store["bias"])
-        size = math.prod(self.mask.shape)
-        bits = np.unpackbits(np.asarray(store["mask_bits"]), count=size)
-        self.mask.assign(bits.reshape(self.mask.shape).astype(self.mask.dtype))
-
-    def _constrain_kernel(self, kernel: Any) -> Any:
-        if self.kernel_constraint is not None:
-            kernel = self.kernel_constraint(kernel)
-        return kernel * ops.cast(self.mask, kernel.dtype)
-
-    @property
-    def masked_kernel(self) -> Any:
-        """The kernel with pruned weights zeroed: `kernel * mask`."""
-        return self.kernel * self.mask
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the kernel's weights that the mask prunes."""
-        return sparsity_of(ops.convert_to_numpy(self.mask))
-
-    def prune_to(self, mask: np.ndarray) -> None:
-        """Replaces the mask and zeroes the pruned weights of the kernel.
-
-        Args:
-            mask: A 0/1 array of the kernel's shape.
-
-        Example:
-
-        >>> layer = MaskedDense(1)
-        >>> _ = layer(np.ones((1, 2)))
-        >>> layer.prune_to(np.array([[1.0], [0.0]]))
-        >>> bool(layer.kernel[1, 0] == 0)
-        True
-        """
-        mask = np.asarray(mask)
-        if mask.shape != tuple(self.mask.shape):
-            raise ValueError(
-                f"Expected `mask` of shape {tuple(self.mask.shape)}. "
-                f"Received: mask.shape={mask.shape}"
-            )
-        self.mask.assign(mask.astype(self.mask.dtype))
-        self.kernel.assign(self.kernel * self.mask)
-
-    def call(self, inputs: Any) -> Any:
-        return _add_bias_and_activate(self, ops.matmul(inputs, self.kernel * self.mask))
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (*input_shape[:-1], self.units)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "units": self.units,
-            "activation": activations.serialize(self.activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": initializers.serialize(self.kernel_initializer),
-            "bias_initializer": initializers.serialize(self.bias_initializer),
-            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
-            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
-            "kernel_constraint": constraints.serialize(self.kernel_constraint),
-            "bias_constraint": constraints.serialize(self.bias_constraint),
-        }
 
 
 @keras.saving.register_keras_serializable(package="keras_prune")
@@ -280,14 +111,12 @@ class SparseDense(keras.layers.Layer):
             raise ValueError(
                 f"Expected `nnz` to be an integer >= 0. Received: nnz={nnz!r}"
             )
-        if compute not in ("auto", *sparse_ops.PATHS):
+        if compute not in ("auto", *PATHS):
             raise ValueError(
-                f"Expected `compute` to be one of {['auto', *sparse_ops.PATHS]}. "
+                f"Expected `compute` to be one of {['auto', *PATHS]}. "
                 f"Received: compute={compute!r}"
             )
-        if compute == "native" and self.compute_dtype not in (
-            dtype.name for dtype in sparse_ops.NATIVE_DTYPES
-        ):
+        if compute == "native" and self.compute_dtype not in NATIVE_DTYPES:
             raise ValueError(
                 "Expected a float32, float16 or bfloat16 layer for "
                 'compute="native" (the kernel computes in float32). '
@@ -334,7 +163,7 @@ class SparseDense(keras.layers.Layer):
                 "Expected `kernel` to be 2-D (input_dim, units). "
                 f"Received: kernel.shape={kernel.shape}"
             )
-        values, indices = sparse_ops.coo_from_kernel(kernel)
+        values, indices = _sparse_ops().coo_from_kernel(kernel)
         layer = cls(
             units=kernel.shape[1],
             nnz=int(values.size),
@@ -369,7 +198,7 @@ class SparseDense(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
     def save_own_variables(self, store: Any) -> None:
-        row_splits, columns = sparse_ops.compress(
+        row_splits, columns = _sparse_ops().compress(
             ops.convert_to_numpy(self.indices), self.input_dim, self.units
         )
         store["values"] = ops.convert_to_numpy(self.values)
@@ -389,7 +218,7 @@ class SparseDense(keras.layers.Layer):
             )
         self.values.assign(store["values"])
         self.indices.assign(
-            sparse_ops.decompress(
+            _sparse_ops().decompress(
                 np.asarray(store["row_splits"]), np.asarray(store["columns"])
             )
         )
@@ -412,11 +241,11 @@ class SparseDense(keras.layers.Layer):
         batch size without the native kernel)."""
         if self.compute != "auto":
             return self.compute
-        return sparse_ops.choose_path(batch_size, self.compute_dtype)
+        return _sparse_ops().choose_path(batch_size, self.compute_dtype)
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""
-        return sparse_ops.kernel_from_coo(
+        return _sparse_ops().kernel_from_coo(
             ops.convert_to_numpy(self.values),
             ops.convert_to_numpy(self.indices),
             self.input_dim,
@@ -424,7 +253,7 @@ class SparseDense(keras.layers.Layer):
         )
 
     def call(self, inputs: Any) -> Any:
-        outputs = sparse_ops.sparse_matmul(
+        outputs = _sparse_ops().sparse_matmul(
             inputs,
             self.values,
             self.indices,
@@ -446,33 +275,3 @@ class SparseDense(keras.layers.Layer):
             "use_bias": self.use_bias,
             "compute": self.compute,
         }
-
-
-def walk_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Returns the layers of `model` in order, descending into nested models.
-
-    Example:
-
-    >>> inner = keras.Sequential([keras.Input((3,)), MaskedDense(2)])
-    >>> outer = keras.Sequential([keras.Input((3,)), inner])
-    >>> len(walk_layers(outer))
-    2
-    """
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if isinstance(layer, keras.Model):
-            found.extend(walk_layers(layer))
-    return found
-
-
-def masked_layers(model: keras.Model) -> list[MaskedDense]:
-    """Returns every `MaskedDense` in `model`, nested models included.
-
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((4,)), MaskedDense(2, name="fc")])
-    >>> [layer.name for layer in masked_layers(model)]
-    ['fc']
-    """
-    return [layer for layer in walk_layers(model) if isinstance(layer, MaskedDense)]

@@ -64,9 +64,10 @@ def magnitude_mask(
 ) -> np.ndarray:
     """Computes a 0/1 mask that prunes the smallest-magnitude live weights.
 
-    The new mask has exactly `round(sparsity * weights.size)` zeros, unless
-    the current mask already has more, in which case it is returned
-    unchanged: a pruned weight never comes back. Only weights still alive in
+    The new mask has exactly `pruned_count(sparsity, weights.size)` zeros
+    (`round(sparsity * size)`, but never all of them: one weight is always
+    kept), unless the current mask already has more, in which case it is
+    returned unchanged: a pruned weight never comes back. Only weights still alive in
     `mask` are ranked, so the cut falls on the smallest survivors (Han et al.
     2015). Ties are broken arbitrarily but the count is always exact.
 
@@ -102,12 +103,143 @@ def magnitude_mask(
             "Expected `mask` to have the shape of `weights`, "
             f"{weights.shape}. Received: mask.shape={mask.shape}"
         )
+    return _prune_smallest(weights, mask, pruned_count(sparsity, weights.size), dtype)
+
+
+def pruned_count(sparsity: float, size: int) -> int:
+    """How many of `size` weights a target `sparsity` prunes.
+
+    `round(sparsity * size)`, capped at `size - 1`: pruning never empties a
+    tensor (a layer with no weight left outputs a constant).
+
+    Example:
+
+    >>> pruned_count(0.5, 10), pruned_count(0.99, 40)
+    (5, 39)
+    """
+    return min(int(round(sparsity * size)), max(size - 1, 0))
+
+
+def _prune_smallest(
+    weights: np.ndarray, mask: np.ndarray, count: int, dtype: np.dtype
+) -> np.ndarray:
+    """`mask` with its live weights pruned up to `count` zeros in all,
+    smallest magnitudes first; unchanged if it already has that many."""
     alive = mask.reshape(-1) != 0
-    target_pruned = int(round(sparsity * weights.size))
-    if target_pruned <= weights.size - np.count_nonzero(alive):
-        return (mask != 0).astype(dtype)
-    scores = np.where(alive, np.abs(weights.reshape(-1)), -np.inf)
-    pruned = np.argpartition(scores, target_pruned - 1)[:target_pruned]
     new_mask = alive.astype(dtype)
-    new_mask[pruned] = 0
+    extra = count - (alive.size - int(np.count_nonzero(alive)))
+    if extra > 0:
+        scores = np.where(alive, np.abs(weights.reshape(-1)), np.inf)
+        new_mask[np.argpartition(scores, extra - 1)[:extra]] = 0
     return new_mask.reshape(weights.shape)
+
+
+def global_magnitude_masks(
+    weights: list[np.ndarray],
+    masks: list[np.ndarray],
+    sparsity: float,
+    min_kept: list[float] | None = None,
+    max_kept: list[float] | None = None,
+) -> list[np.ndarray]:
+    """Prunes the smallest live weights of several tensors, ranked together.
+
+    Global magnitude pruning: one threshold for all tensors, so that in all
+    `round(sparsity * total size)` weights are zero. A tensor keeps at
+    least `min_kept[i]` of its weights (and always one) and at most
+    `max_kept[i]`; within those bounds the smallest magnitudes overall go
+    first. Pruned weights stay pruned, so a tensor already below its
+    `max_kept` or past the target stays as it is.
+
+    Args:
+        weights: The tensors' values, any shapes.
+        masks: Their current 0/1 masks, same shapes.
+        sparsity: Target fraction of zeros over all tensors, in [0, 1).
+        min_kept: Per tensor, the least kept fraction, in [0, 1]. Defaults
+            to `None` (no floor but one weight).
+        max_kept: Per tensor, the most kept fraction, in [0, 1]. Defaults
+            to `None` (no cap).
+
+    Returns:
+        The new 0/1 masks, one per tensor, dtypes of `weights`.
+
+    Raises:
+        ValueError: On a bad sparsity, mismatched shapes or list lengths.
+
+    Example:
+
+    >>> a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 5.0])
+    >>> [m.tolist() for m in global_magnitude_masks([a, b], [None, None], 0.5)]
+    [[0.0, 0.0, 1.0, 1.0], [0.0, 1.0]]
+    >>> [m.tolist() for m in global_magnitude_masks([a, b], [None, None], 0.5,
+    ...     min_kept=[0.75, 0.0])]
+    [[0.0, 1.0, 1.0, 1.0], [0.0, 1.0]]
+
+    Reference:
+        Han et al. 2015, arXiv:1506.02626 (magnitude criterion); the global
+        ranking as in Frankle & Carbin 2019, arXiv:1803.03635.
+    """
+    sparsity = validate_sparsity(sparsity)
+    count = len(weights)
+    for name, values in (
+        ("masks", masks),
+        ("min_kept", min_kept),
+        ("max_kept", max_kept),
+    ):
+        if values is not None and len(values) != count:
+            raise ValueError(
+                f"Expected `{name}` to have one entry per tensor ({count}). "
+                f"Received: {len(values)} entries"
+            )
+    arrays = [np.asarray(w) for w in weights]
+    current = []
+    for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
+        m = np.ones(w.shape, bool) if m is None else np.asarray(m) != 0
+        if m.shape != w.shape:
+            raise ValueError(
+                f"Expected `masks[{i}]` to have the shape of `weights[{i}]`, "
+                f"{w.shape}. Received: {m.shape}"
+            )
+        current.append(m.reshape(-1))
+    sizes = [w.size for w in arrays]
+    already = [int(m.size - np.count_nonzero(m)) for m in current]
+    lows, highs = [], []
+    for i, size in enumerate(sizes):
+        floor = 0.0 if min_kept is None else float(min_kept[i])
+        cap = 1.0 if max_kept is None else float(max_kept[i])
+        most = min(int(math.floor(size * (1.0 - floor) + 1e-9)), max(size - 1, 0))
+        least = int(math.ceil(size * (1.0 - cap) - 1e-9))
+        high = max(most, already[i])
+        lows.append(min(max(least, already[i]), high))
+        highs.append(high)
+    target = int(round(sparsity * sum(sizes)))
+    counts = list(lows)
+    remaining = target - sum(counts)
+    if remaining > 0:
+        # The candidates of each tensor: its live weights past its floor,
+        # smallest first, as many as its cap allows; the smallest overall win.
+        pools, owners = [], []
+        for i, (w, m) in enumerate(zip(arrays, current, strict=True)):
+            live = np.sort(np.abs(w.reshape(-1)[m]))
+            pool = live[lows[i] - already[i] : highs[i] - already[i]]
+            pools.append(pool)
+            owners.append(np.full(pool.size, i))
+        pool = np.concatenate(pools)
+        owner = np.concatenate(owners)
+        take = min(remaining, pool.size)
+        if take:
+            chosen = np.argpartition(pool, take - 1)[:take]
+            counts = [
+                c + int(n)
+                for c, n in zip(
+                    counts, np.bincount(owner[chosen], minlength=count), strict=True
+                )
+            ]
+    return [
+        _prune_smallest(
+            w,
+            m.reshape(w.shape),
+            n,
+            w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32,
+        )
+        for w, m, n in zip(arrays, current, counts, strict=True)
+    ]

@@ -8,8 +8,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_prune import sparse_ops
-from keras_prune.layers import MaskedDense, SparseDense, walk_layers
+from keras_prune.layers import SparseDense
+from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctest
+    MaskedDense,
+    MaskedLayer,
+    find_prunable_weights,
+    is_prunable,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +97,25 @@ class SparsitySummary:
 
 
 def sparsity_summary(model: keras.Model) -> SparsitySummary:
-    """Counts the kernel weights and nonzeros of every Dense-like layer.
+    """Counts the prunable weights and nonzeros of every layer that has them.
 
-    `MaskedDense` counts the mask's ones, `SparseDense` its stored nonzeros,
-    and a plain `keras.layers.Dense` the nonzeros of its kernel. The
+    A masked layer counts its masks' ones, one row per prunable weight
+    (`"lstm/recurrent_kernel"` where a layer has several); a `SparseDense`
+    its stored nonzeros; a stock layer of a covered class (a plain `Dense`,
+    `Conv2D`, ...) the nonzeros of its prunable weights. Layers are found
+    wherever they live (nested models, wrappers, custom layers). The
     `compute` column says how each layer multiplies: `"dense"`, or the
     sparse kernel a `SparseDense` uses (`"native"`, or TensorFlow's by batch
     size where the native kernel is not available).
 
     Args:
-        model: A built `keras.Model`.
+        model: A `keras.Model`; unbuilt layers are left out.
 
     Returns:
         A `SparsitySummary`; print it for a table.
+
+    Raises:
+        TypeError: If `model` is not a `keras.Model`.
 
     Example:
 
@@ -122,31 +133,36 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
             f"Received: model={model!r} of type {type(model).__name__}"
         )
     rows = []
-    for layer in walk_layers(model):
-        if isinstance(layer, MaskedDense):
-            shape = tuple(layer.mask.shape)
-            nonzeros = int(np.count_nonzero(ops.convert_to_numpy(layer.mask)))
-            compute = "dense"
+    for layer in model._flatten_layers(include_self=False):
+        kind = type(layer).__name__
+        if not layer.built:
+            continue
+        if isinstance(layer, MaskedLayer):
+            masks = layer.masks
+            for key, mask in masks.items():
+                name = layer.name if len(masks) == 1 else f"{layer.name}/{key}"
+                nonzeros = int(np.count_nonzero(ops.convert_to_numpy(mask)))
+                rows.append(_row(name, kind, tuple(mask.shape), nonzeros, "dense"))
         elif isinstance(layer, SparseDense):
-            shape = (layer.input_dim, layer.units)
-            nonzeros = layer.nnz
             compute = layer.compute_path(None)
             if compute == "auto":
+                from keras_prune import sparse_ops
+
                 compute = f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
-        elif isinstance(layer, keras.layers.Dense) and layer.built:
-            shape = tuple(layer.kernel.shape)
-            nonzeros = int(np.count_nonzero(ops.convert_to_numpy(layer.kernel)))
-            compute = "dense"
-        else:
-            continue
-        rows.append(
-            LayerSparsity(
-                layer.name,
-                type(layer).__name__,
-                shape,
-                int(np.prod(shape)),
-                nonzeros,
-                compute,
-            )
-        )
+            shape = (layer.input_dim, layer.units)
+            rows.append(_row(layer.name, kind, shape, layer.nnz, compute))
+        elif is_prunable(layer) and not isinstance(layer, keras.Model):
+            weights = find_prunable_weights(layer)
+            for variable in weights:
+                name = (
+                    layer.name if len(weights) == 1 else f"{layer.name}/{variable.name}"
+                )
+                nonzeros = int(np.count_nonzero(ops.convert_to_numpy(variable)))
+                rows.append(_row(name, kind, tuple(variable.shape), nonzeros, "dense"))
     return SparsitySummary(tuple(rows))
+
+
+def _row(
+    name: str, kind: str, shape: tuple[int, ...], nonzeros: int, compute: str
+) -> LayerSparsity:
+    return LayerSparsity(name, kind, shape, int(np.prod(shape)), nonzeros, compute)

@@ -175,9 +175,10 @@ def test_model_without_masked_dense_fails_when_training_starts():
     model.compile("sgd", "mse")
     with pytest.raises(
         ValueError,
-        match=r"^IterativePruningCallback found no MaskedDense layer to prune in "
-        r"model 'plain'\. Build the model with keras_prune\.MaskedDense or convert "
-        r"it with keras_prune\.make_prunable\(model\)\.$",
+        match=r"^IterativePruningCallback found no masked layer to prune in "
+        r"model 'plain'\. Convert it with keras_prune\.make_prunable\(model\), or "
+        r"build it from masked layers \(keras_prune\.MaskedDense, "
+        r"keras_prune\.masked_class\)\.$",
     ):
         model.fit(
             np.ones((4, 3)),
@@ -308,7 +309,7 @@ def test_unknown_layer_names_fail_when_training_starts():
     with pytest.raises(
         ValueError,
         match=r"^Expected the keys of `final_sparsity` or `schedule` to name "
-        r"MaskedDense layers of the model \(\['fc1', 'fc2'\]\)\. "
+        r"masked layers of the model \(\['fc1', 'fc2'\]\)\. "
         r"Received: \['fc3'\]$",
     ):
         model.fit(
@@ -369,7 +370,7 @@ def test_dropout_scaling_refuses_wrong_layers_at_fit():
     model = dropout_model()
     with pytest.raises(
         ValueError,
-        match=r"^Expected `dropout_for` to pair Dropout layers with MaskedDense "
+        match=r"^Expected `dropout_for` to pair Dropout layers with masked "
         r"layers of the model\. Received: 'fc1' -> 'drop', a MaskedDense and a "
         r"Dropout$",
     ):
@@ -385,6 +386,155 @@ def test_dropout_scaling_refuses_bad_mapping(value):
     with pytest.raises(
         ValueError,
         match=r"^Expected `dropout_for` to be a non-empty dict of \{dropout layer "
-        r"name: MaskedDense layer name\}\. Received: dropout_for=",
+        r"name: masked layer name\}\. Received: dropout_for=",
     ):
         DropoutScalingCallback(value)
+
+
+# --- every masked layer, ranking scope, steps, guards --------------------
+
+
+def two_layer_model(seed=0):
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            MaskedDense(5, name="big"),
+            MaskedDense(2, name="small"),
+        ]
+    )
+    # Hand-checkable magnitudes: "big" holds 1..20, "small" holds 0.5..5.
+    model.get_layer("big").kernel.assign(
+        np.arange(1, 21, dtype="float32").reshape(4, 5)
+    )
+    model.get_layer("small").kernel.assign(
+        np.arange(1, 11, dtype="float32").reshape(5, 2) / 2
+    )
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model, rng
+
+
+def test_global_scope_ranks_all_layers_together():
+    model, _ = two_layer_model()
+    callback = IterativePruningCallback(0.5, schedule="constant", scope="global")
+    callback.set_model(model)
+    callback.set_params({"epochs": 1})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    # 30 weights, 15 pruned, smallest first: "small" gives up 9 (0.5..4.5;
+    # its largest, 5, stays: no layer is emptied) and "big" 6 (1..6).
+    big = ops.convert_to_numpy(model.get_layer("big").mask)
+    small = ops.convert_to_numpy(model.get_layer("small").mask)
+    assert np.count_nonzero(small) == 1 and small[4, 1] == 1
+    np.testing.assert_array_equal(big.ravel(), [0] * 6 + [1] * 14)
+
+
+def test_global_scope_honours_per_layer_kept_bounds():
+    model, _ = two_layer_model()
+    callback = IterativePruningCallback(
+        0.5, schedule="constant", scope="global", min_kept={"small": 0.5}
+    )
+    callback.set_model(model)
+    callback.set_params({"epochs": 1})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    assert model.get_layer("small").sparsity == 0.5
+    assert model.get_layer("big").sparsity == 10 / 20  # 5 + 10 = 15 pruned
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"final_sparsity": {"big": 0.5}, "scope": "global"},
+            r'^scope="global" ranks every layer together: it takes one '
+            r"`final_sparsity` or schedule, not a dict by layer\. Received: "
+            r"final_sparsity=\{'big': 0\.5\}, schedule='polynomial'$",
+        ),
+        (
+            {"final_sparsity": 0.5, "min_kept": 0.1},
+            r'^`min_kept` and `max_kept` bound layers under scope="global"\. '
+            r'Received: min_kept=0\.1, max_kept=None with scope="layer"$',
+        ),
+        (
+            {"final_sparsity": 0.5, "scope": "global", "max_kept": 1.5},
+            r"^Expected `max_kept` in \[0, 1\]\. Received: max_kept=1\.5$",
+        ),
+        (
+            {"final_sparsity": 0.5, "scope": "all"},
+            r"^Expected `scope` to be one of \['layer', 'global'\]\. "
+            r"Received: scope='all'$",
+        ),
+        (
+            {"final_sparsity": 0.5, "unit": "batch"},
+            r"^Expected `unit` to be one of \['epoch', 'step'\]\. "
+            r"Received: unit='batch'$",
+        ),
+    ],
+    ids=["global-dict", "bounds-per-layer", "bound-range", "scope", "unit"],
+)
+def test_scope_and_unit_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IterativePruningCallback(**kwargs)
+
+
+def test_step_unit_cuts_inside_one_long_epoch():
+    model = small_model()
+    x, y = data()  # 64 samples, batch 8: 8 steps
+    recorder = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # JAX's fit keeps the values in its own state during an epoch.
+            getattr(self.model, "jax_state_sync", lambda: None)()
+            recorder.append(model.get_layer("fc1").sparsity)
+
+    callback = IterativePruningCallback(
+        0.75, schedule="geometric", factor=0.5, unit="step", begin_epoch=2,
+        end_epoch=6, frequency=2,
+    )  # fmt: skip
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[callback, Record()])
+    # Cuts before steps 2, 4 and 6: kept 1/2, 1/4, then capped at 1/4.
+    assert recorder == pytest.approx([0, 0, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75], abs=0.01)
+
+
+def test_masks_rolled_back_by_early_stopping_are_put_back_with_a_warning():
+    model = small_model()
+    x, y = data()
+    stop = keras.callbacks.EarlyStopping(
+        "loss", patience=0, restore_best_weights=True, mode="max"
+    )  # "max" on a falling loss: epoch 0 stays the best, restored at the end
+    pruning = IterativePruningCallback(0.9, schedule="geometric", end_epoch=3)
+    with pytest.warns(UserWarning, match=r"^Something restored an older mask of"):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[stop, pruning])
+    layer = model.get_layer("fc1")
+    mask = ops.convert_to_numpy(layer.mask)
+    assert layer.sparsity == pytest.approx(1 - 0.49, abs=0.01)
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.kernel)[mask == 0], 0)
+
+
+def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
+    model = small_model()
+    x, y = data()
+    model.fit(x, y, epochs=1, verbose=0)  # Adam moments everywhere
+    callback = IterativePruningCallback(0.5, schedule="constant")
+    callback.set_model(model)
+    callback.set_params({"epochs": 1})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    layer = model.get_layer("fc1")
+    mask = ops.convert_to_numpy(layer.mask)
+    index = model.optimizer._get_variable_index(layer.kernel)
+    for slots in (model.optimizer._momentums, model.optimizer._velocities):
+        slot = ops.convert_to_numpy(slots[index])
+        assert np.all(slot[mask == 0] == 0) and np.any(slot[mask == 1] != 0)
+
+
+def test_callback_config_is_json():
+    import json
+
+    callback = IterativePruningCallback(
+        0.8, scope="global", min_kept={"fc2": 0.05}, unit="step", end_epoch=100
+    )
+    config = json.loads(json.dumps(callback.get_config()))
+    assert IterativePruningCallback(**config).get_config() == callback.get_config()

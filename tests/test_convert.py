@@ -53,7 +53,10 @@ def prune_randomly(model, density, seed=0):
     rng = np.random.default_rng(seed)
     for layer in masked_layers(model):
         layer.prune_to(
-            (rng.random(tuple(layer.mask.shape)) < density).astype("float32")
+            {
+                key: (rng.random(tuple(mask.shape)) < density).astype("float32")
+                for key, mask in layer.masks.items()
+            }
         )
 
 
@@ -112,7 +115,10 @@ def test_make_prunable_converts_only_chosen_layers(layers_arg):
     ("layers_arg", "reason"),
     [
         (["nope"], "'nope' is not in the model"),
-        (["max_pooling2d"], "'max_pooling2d' is a MaxPooling2D"),
+        (
+            ["max_pooling2d"],
+            "'max_pooling2d' is a MaxPooling2D, which has no pruning rule",
+        ),
     ],
     ids=["missing", "not-dense"],
 )
@@ -122,8 +128,8 @@ def test_make_prunable_refuses_bad_layer_names(layers_arg, reason):
     reason = reason.replace("'max_pooling2d'", repr(model.layers[3].name))
     with pytest.raises(
         ValueError,
-        match=r"^Expected every name in `layers` to be a keras\.layers\.Dense layer "
-        r"of the model\. Received: layers="
+        match=r"^Expected every name in `layers` to be a prunable layer of the "
+        r"model\. Received: layers="
         + repr(layers_arg).replace("[", r"\[").replace("]", r"\]")
         + "; "
         + reason
@@ -162,19 +168,30 @@ def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute
         sparse.predict(images(), verbose=0) - masked.predict(images(), verbose=0)
     ).max()
     assert difference < 1e-5
-    # Every non-pruned layer kept its weights (BN statistics included).
-    for name in ("batch_normalization", "conv2d"):
-        old = [layer for layer in masked.layers if layer.name.startswith(name)][0]
-        new = sparse.get_layer(old.name)
-        for a, b in zip(old.get_weights(), new.get_weights(), strict=True):
-            np.testing.assert_array_equal(a, b)
+    # BN kept its weights and statistics; the convolution is a stock Conv2D
+    # holding kernel * mask.
+    norm = [layer for layer in masked.layers if "normalization" in layer.name][0]
+    for a, b in zip(
+        norm.get_weights(), sparse.get_layer(norm.name).get_weights(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    conv = [layer for layer in masked.layers if layer.name.startswith("conv2d")][0]
+    exported = sparse.get_layer(conv.name)
+    assert type(exported) is layers.Conv2D
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(exported.kernel),
+        ops.convert_to_numpy(conv.kernel) * ops.convert_to_numpy(conv.masks["kernel"]),
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(exported.bias), ops.convert_to_numpy(conv.bias)
+    )
 
 
 def test_export_sparse_stores_exactly_the_nonzeros():
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.05)
     sparse = export_sparse(masked, compute="csr")
-    for layer in masked_layers(masked):
+    for layer in (masked.get_layer("fc1"), masked.get_layer("fc2")):
         new = sparse.get_layer(layer.name)
         assert isinstance(new, SparseDense)
         assert new.nnz == np.count_nonzero(ops.convert_to_numpy(layer.masked_kernel))

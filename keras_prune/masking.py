@@ -1,0 +1,613 @@
+"""One masking mechanism for every Keras layer with a kernel.
+
+A *masked layer* is a stock Keras layer whose class has been given
+`MaskedLayer` as a first base: `MaskedConv2D` is `(MaskedLayer, Conv2D)`,
+made once by `masked_class(keras.layers.Conv2D)`. Nothing else of the stock
+layer changes, so every argument and feature keeps working (activations,
+regularizers, LoRA, mixed precision, its own save format). What the mixin
+adds:
+
+- a 0/1 mask for each *prunable weight* (the variables named in
+  `PRUNABLE_WEIGHTS` for stock classes, or those a custom layer returns from
+  `get_prunable_weights()`), held by a small child layer, `PruningMasks`,
+  which saves them as bits in the layer's `.keras` entry;
+- a `call` that runs the stock `call` with each prunable weight replaced by
+  `weight * mask`, so the forward pass sees exact zeros and the pruned
+  weights get exactly zero gradient, on every backend, with no constraint
+  reading a variable;
+- `prune_to(masks)`, `masks`, `prunable_weights`, `sparsity`.
+
+The raw variables are kept at exact zeros where the mask is zero wherever a
+user can see them: `prune_to` and the pruning callback zero them (and the
+optimizer's per-weight state) at every cut, the callback zeroes them again
+after each epoch and after `fit`, saving writes `weight * mask`, and loading
+the masks zeroes the weights.
+
+Reference:
+    Han et al. 2015, "Learning both Weights and Connections for Efficient
+    Neural Networks", arXiv:1506.02626. The hook follows Keras's LoRA
+    (`keras/src/layers/core/dense.py`) and PyTorch's
+    `torch/nn/utils/parametrize.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+_L = keras.layers
+
+#: The prunable weights (variable names) of each covered stock class.
+#: Biases and normalization weights are never pruned by default.
+PRUNABLE_WEIGHTS: dict[type, tuple[str, ...]] = {
+    _L.Dense: ("kernel",),
+    _L.EinsumDense: ("kernel",),
+    _L.Conv1D: ("kernel",),
+    _L.Conv2D: ("kernel",),
+    _L.Conv3D: ("kernel",),
+    _L.Conv1DTranspose: ("kernel",),
+    _L.Conv2DTranspose: ("kernel",),
+    _L.Conv3DTranspose: ("kernel",),
+    _L.DepthwiseConv1D: ("kernel",),
+    _L.DepthwiseConv2D: ("kernel",),
+    _L.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
+    _L.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+    _L.Embedding: ("embeddings",),
+    _L.SimpleRNN: ("kernel", "recurrent_kernel"),
+    _L.LSTM: ("kernel", "recurrent_kernel"),
+    _L.GRU: ("kernel", "recurrent_kernel"),
+    _L.SimpleRNNCell: ("kernel", "recurrent_kernel"),
+    _L.LSTMCell: ("kernel", "recurrent_kernel"),
+    _L.GRUCell: ("kernel", "recurrent_kernel"),
+}
+
+
+def _own_layers(layer: Any) -> list[Any]:
+    """`layer` and every sublayer it tracks, each once."""
+    return layer._flatten_layers(include_self=True, recursive=True)
+
+
+def _registered_names(cls: type) -> tuple[str, ...] | None:
+    for klass in cls.__mro__:
+        if klass in PRUNABLE_WEIGHTS:
+            return PRUNABLE_WEIGHTS[klass]
+    return None
+
+
+def is_prunable(layer: Any) -> bool:
+    """Whether keras_prune knows which weights of `layer` to prune.
+
+    True for the stock classes in `PRUNABLE_WEIGHTS` (and their subclasses)
+    and for any layer with a `get_prunable_weights()` method (the protocol
+    for custom layers).
+
+    Example:
+
+    >>> is_prunable(keras.layers.Conv2D(4, 3)), is_prunable(keras.layers.ReLU())
+    (True, False)
+    """
+    base = _base_class(type(layer))
+    return hasattr(base, "get_prunable_weights") or _registered_names(base) is not None
+
+
+def _base_class(cls: type) -> type:
+    return cls.__mro__[2] if issubclass(cls, MaskedLayer) else cls
+
+
+def find_prunable_weights(layer: Any) -> list[Any]:
+    """The variables of a built `layer` that pruning masks.
+
+    Args:
+        layer: A built Keras layer of a covered class, or one implementing
+            `get_prunable_weights()`.
+
+    Returns:
+        A list of `keras.Variable`.
+
+    Raises:
+        ValueError: If `layer` is not prunable, or a registered variable is
+            missing.
+    """
+    if hasattr(layer, "get_prunable_weights"):
+        weights = list(layer.get_prunable_weights())
+        if not all(isinstance(w, keras.Variable) for w in weights):
+            raise ValueError(
+                f"Expected `get_prunable_weights()` of layer {layer.name!r} to "
+                f"return keras.Variable objects. Received: {weights!r}"
+            )
+        return weights
+    names = _registered_names(type(layer))
+    if names is None:
+        raise ValueError(
+            f"keras_prune has no rule for layer {layer.name!r} of type "
+            f"{type(layer).__name__}: give it a `get_prunable_weights()` method."
+        )
+    found = {}
+    for owner in _own_layers(layer):
+        for variable in owner._trainable_variables + owner._non_trainable_variables:
+            found.setdefault(variable.name, variable)
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(
+            f"Layer {layer.name!r} of type {type(layer).__name__} has no "
+            f"weight named {missing}. Received weights: {sorted(found)}"
+        )
+    return [found[name] for name in names]
+
+
+def _locate(layer: Any, variable: Any) -> tuple[Any, str]:
+    """The (owner layer, attribute name) under which `layer` holds `variable`."""
+    for owner in _own_layers(layer):
+        for attr, value in vars(owner).items():
+            if value is variable:
+                return owner, attr
+    raise ValueError(
+        f"Could not find the attribute of layer {layer.name!r} that holds "
+        f"the weight {variable.path!r}: keras_prune can only mask weights "
+        "stored as an attribute of the layer or of one of its sublayers."
+    )
+
+
+def _mask_keys(weights: list[Any]) -> list[str]:
+    keys: list[str] = []
+    for variable in weights:
+        key = variable.name
+        while key in keys:
+            key = f"{key}_"
+        keys.append(key)
+    return keys
+
+
+def zero_optimizer_state(optimizer: Any, variable: Any, mask: np.ndarray) -> int:
+    """Zeroes an optimizer's per-weight state where `mask` is zero.
+
+    With its gradient exactly zero from the cut on, a pruned weight is moved
+    only by the optimizer's memory of earlier gradients (Adam's moments,
+    SGD's momentum) or by an average of earlier weights (`use_ema`). Zeroing
+    the slots of `variable` at the pruned positions leaves every
+    element-wise optimizer with an exactly zero update there.
+
+    Args:
+        optimizer: A `keras.optimizers.Optimizer` (or `None`: no-op).
+        variable: A trainable variable the optimizer updates.
+        mask: 0/1 array of the variable's shape.
+
+    Returns:
+        How many slot variables were changed.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return zero_optimizer_state(inner, variable, mask)
+    tracked = getattr(optimizer, "_trainable_variables", None)
+    if not tracked:
+        return 0
+    try:
+        index = optimizer._get_variable_index(variable)
+    except (AttributeError, KeyError):
+        return 0
+    changed = 0
+    for value in vars(optimizer).values():
+        if (
+            not isinstance(value, list)
+            or value is tracked
+            or len(value) != len(tracked)
+        ):
+            continue
+        slot = value[index]
+        if isinstance(slot, keras.Variable) and tuple(slot.shape) == mask.shape:
+            current = ops.convert_to_numpy(slot)
+            slot.assign(np.where(mask != 0, current, 0).astype(current.dtype))
+            changed += 1
+    return changed
+
+
+class _Hidden:
+    """Holds internal references out of sight of Keras's saving walk, which
+    descends into a layer's lists, tuples and dicts (a layer that listed
+    itself would recurse forever)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+class PruningMasks(keras.layers.Layer):
+    """The masks of one masked layer: a child layer holding one non-trainable
+    0/1 variable per prunable weight, named `<weight>_mask`.
+
+    It is created by `MaskedLayer` when its layer is built; users reach it
+    through `layer.masks`. In a `.keras` file it stores each mask as bits,
+    and loading the masks zeroes the pruned entries of the layer's weights.
+
+    Args:
+        targets: `{key: variable}`, the prunable weights to mask.
+        **kwargs: Base layer arguments.
+    """
+
+    def __init__(self, targets: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        object.__setattr__(self, "_targets", _Hidden(dict(targets)))
+        self.masks = {
+            key: self.add_weight(
+                name=f"{key}_mask",
+                shape=tuple(variable.shape),
+                initializer="ones",
+                dtype=variable.dtype,
+                trainable=False,
+            )
+            for key, variable in targets.items()
+        }
+        self.built = True
+
+    def save_own_variables(self, store: Any) -> None:
+        for key, mask in self.masks.items():
+            store[key] = np.packbits(ops.convert_to_numpy(mask).ravel() != 0)
+
+    def load_own_variables(self, store: Any) -> None:
+        if not list(store.keys()):
+            return  # A file whose layer saved its mask itself (MaskedDense 0.1).
+        if set(store.keys()) != set(self.masks):
+            raise ValueError(
+                f"Layer {self.name!r} expects saved masks {sorted(self.masks)}. "
+                f"Received: {sorted(store.keys())}"
+            )
+        for key, mask in self.masks.items():
+            size = math.prod(mask.shape)
+            bits = np.unpackbits(np.asarray(store[key]), count=size)
+            mask.assign(bits.reshape(mask.shape).astype(mask.dtype))
+        self.zero_pruned()
+
+    def zero_pruned(self) -> int:
+        """Sets every masked-out entry of the targets to exactly zero.
+
+        Returns:
+            How many nonzero pruned entries were found (and zeroed).
+        """
+        revived = 0
+        for key, variable in self._targets.value.items():
+            mask = ops.convert_to_numpy(self.masks[key]) != 0
+            value = ops.convert_to_numpy(variable)
+            stray = int(np.count_nonzero(value[~mask]))
+            if stray:
+                revived += stray
+                variable.assign(np.where(mask, value, 0).astype(value.dtype))
+        return revived
+
+
+def _masked_call(call: Any) -> Any:
+    """Wraps a stock `call` to run under `masked_weights()`, keeping its
+    signature (Keras reads it to route `training` and `mask`)."""
+
+    @functools.wraps(call)
+    def masked_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.masked_weights():
+            return call(self, *args, **kwargs)
+
+    return masked_call
+
+
+class _MaskConstraint:
+    """The constraint a masked layer puts on each prunable weight: after
+    every optimizer step, `weight * mask` (after the user's own constraint).
+
+    It uses the mask as read by the same training step's forward pass, not
+    the mask variable: JAX's trainer hands an optimizer only the trainable
+    and optimizer variables, so a constraint that read another variable
+    would fail there. With the gradient of a pruned weight already exactly
+    zero, this catches what an optimizer does without gradients (momentum,
+    weight decay, Muon's orthogonalized update, EMA)."""
+
+    def __init__(self, layer: Any, key: str, inner: Any):
+        self.layer = _Hidden(layer)
+        self.key = key
+        self.inner = inner
+
+    def __call__(self, weight: Any) -> Any:
+        if self.inner is not None:
+            weight = self.inner(weight)
+        layer = self.layer.value
+        mask = layer._mask_reads.value.get(self.key)
+        if mask is None:  # No forward pass yet (an optimizer used by hand).
+            mask = layer._masks_layer.masks[self.key].value
+        return ops.multiply(weight, ops.cast(mask, weight.dtype))
+
+
+class MaskedLayer:
+    """Mixin that masks the prunable weights of a stock Keras layer.
+
+    Never used alone: `masked_class(cls)` puts it in front of a layer class.
+    See the module docstring for what it does.
+    """
+
+    _masks_layer: PruningMasks | None = None
+
+    # --- construction -------------------------------------------------
+    def _post_build(self) -> None:
+        self._attach_masks()
+        super()._post_build()
+
+    def _attach_masks(self) -> None:
+        """Creates the masks of a built layer (ones: nothing pruned)."""
+        if self._masks_layer is not None:
+            return
+        weights = find_prunable_weights(self)
+        keys = _mask_keys(weights)
+        slots = [
+            (key, *_locate(self, w), w) for key, w in zip(keys, weights, strict=True)
+        ]
+        object.__setattr__(self, "_mask_slots", _Hidden(slots))
+        object.__setattr__(self, "_mask_reads", _Hidden({}))
+        for key, _, _, variable in slots:
+            variable.constraint = _MaskConstraint(self, key, variable.constraint)
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        masks = PruningMasks(
+            dict(zip(keys, weights, strict=True)),
+            name="pruning_masks",
+            dtype=self.dtype_policy,
+        )
+        self.pruning_masks = masks
+        object.__setattr__(self, "_masks_layer", masks)
+        if locked:
+            self._tracker.lock()
+
+    # --- forward ------------------------------------------------------
+    @contextlib.contextmanager
+    def masked_weights(self) -> Iterator[None]:
+        """Within this context the layer's prunable weights read as
+        `weight * mask` (each attribute that holds one is swapped for the
+        product, then restored). The masked `call` runs in it."""
+        saved = []
+        try:
+            for key, owner, attr, variable in self._mask_slots.value:
+                value = variable.value
+                mask = self._masks_layer.masks[key].value
+                # The constraint of this training step multiplies by the same
+                # read, so that it never reads the mask variable itself.
+                self._mask_reads.value[key] = mask
+                saved.append((owner, attr, owner.__dict__[attr]))
+                object.__setattr__(
+                    owner, attr, ops.multiply(value, ops.cast(mask, value.dtype))
+                )
+            yield
+        finally:
+            for owner, attr, original in saved:
+                object.__setattr__(owner, attr, original)
+
+    # --- saving -------------------------------------------------------
+    def save_own_variables(self, store: Any) -> None:
+        if self._masks_layer is not None:
+            self._masks_layer.zero_pruned()
+        super().save_own_variables(store)
+
+    # --- public API ---------------------------------------------------
+    @property
+    def masks(self) -> dict[str, Any]:
+        """`{weight name: 0/1 mask variable}`, one per prunable weight."""
+        self._require_built()
+        return dict(self._masks_layer.masks)
+
+    @property
+    def prunable_weights(self) -> dict[str, Any]:
+        """`{weight name: raw variable}` for the weights the masks prune."""
+        self._require_built()
+        return {key: variable for key, _, _, variable in self._mask_slots.value}
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the prunable weights that the masks prune."""
+        self._require_built()
+        sizes = [math.prod(m.shape) for m in self._masks_layer.masks.values()]
+        kept = [
+            int(np.count_nonzero(ops.convert_to_numpy(m)))
+            for m in self._masks_layer.masks.values()
+        ]
+        return 1.0 - sum(kept) / sum(sizes) if sum(sizes) else 0.0
+
+    def prune_to(self, masks: Any, optimizer: Any = None) -> None:
+        """Replaces masks and zeroes the pruned entries of the weights.
+
+        Args:
+            masks: A 0/1 array of the weight's shape for a layer with one
+                prunable weight, or `{weight name: array}` for any subset of
+                the layer's prunable weights.
+            optimizer: The optimizer that trains the layer, if it has
+                already been used: its per-weight state (moments, momentum,
+                EMA) is zeroed at the pruned entries too, so that it cannot
+                move them (`IterativePruningCallback` passes the model's).
+                Defaults to `None`.
+
+        Raises:
+            ValueError: If a name is unknown or a shape differs.
+
+        Example:
+
+        >>> layer = masked_class(keras.layers.Dense)(1)
+        >>> _ = layer(np.ones((1, 2)))
+        >>> layer.prune_to(np.array([[1.0], [0.0]]))
+        >>> layer.sparsity
+        0.5
+        """
+        current = self.masks
+        if not isinstance(masks, dict):
+            if len(current) != 1:
+                raise ValueError(
+                    f"Layer {self.name!r} has several prunable weights "
+                    f"{sorted(current)}: pass `masks` as a dict by name. "
+                    f"Received: masks of type {type(masks).__name__}"
+                )
+            masks = {next(iter(current)): masks}
+        for key, value in masks.items():
+            if key not in current:
+                raise ValueError(
+                    f"Expected the keys of `masks` to be prunable weights of "
+                    f"layer {self.name!r}: {sorted(current)}. Received: {key!r}"
+                )
+            value = np.asarray(value)
+            if value.shape != tuple(current[key].shape):
+                raise ValueError(
+                    f"Expected `masks[{key!r}]` of shape "
+                    f"{tuple(current[key].shape)}. Received: shape {value.shape}"
+                )
+            current[key].assign((value != 0).astype(current[key].dtype))
+            if optimizer is not None:
+                zero_optimizer_state(optimizer, self.prunable_weights[key], value)
+        self._masks_layer.zero_pruned()
+
+    def _require_built(self) -> None:
+        if self._masks_layer is None:
+            raise ValueError(
+                f"Layer {self.name!r} is not built yet: its masks are made "
+                "when it is built (call it on data, or build the model)."
+            )
+
+
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def masked_class(cls: type) -> type:
+    """Returns the masked version of a Keras layer class, `Masked<Name>`.
+
+    The class is made once per `cls` and registered as a Keras serializable
+    (`"keras_prune>Masked<Name>"`), so `.keras` files load it without
+    `custom_objects`. For your own layer classes, call this before
+    `keras.models.load_model` in a new process.
+
+    Args:
+        cls: A stock layer class from `PRUNABLE_WEIGHTS` (or a subclass),
+            or a layer class with a `get_prunable_weights()` method.
+
+    Returns:
+        A subclass of `cls` with `MaskedLayer` first in its bases.
+
+    Raises:
+        ValueError: If keras_prune cannot tell which weights of `cls` to
+            prune.
+
+    Example:
+
+    >>> MaskedConv2D = masked_class(keras.layers.Conv2D)
+    >>> MaskedConv2D.__name__
+    'MaskedConv2D'
+    >>> layer = MaskedConv2D(4, 3)
+    >>> _ = layer(np.ones((1, 8, 8, 2)))
+    >>> sorted(layer.masks)
+    ['kernel']
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        raise ValueError(
+            f"Expected `cls` to be a keras.layers.Layer subclass. Received: {cls!r}"
+        )
+    if issubclass(cls, MaskedLayer):
+        return cls
+    if cls in _MASKED_CLASSES:
+        return _MASKED_CLASSES[cls]
+    if not hasattr(cls, "get_prunable_weights") and _registered_names(cls) is None:
+        raise ValueError(
+            f"keras_prune has no rule for layer class {cls.__name__}: give it a "
+            "`get_prunable_weights()` method returning the variables to prune."
+        )
+    name = f"Masked{cls.__name__}"
+    masked = type(
+        name,
+        (MaskedLayer, cls),
+        {
+            "__module__": __name__,
+            "call": _masked_call(cls.call),
+            "__doc__": (
+                f"A `{cls.__module__}.{cls.__name__}` whose prunable weights "
+                "are masked; see `keras_prune.masking`."
+            ),
+        },
+    )
+    masked = keras.saving.register_keras_serializable(package="keras_prune")(masked)
+    _MASKED_CLASSES[cls] = masked
+    return masked
+
+
+def masked_layers(model: Any) -> list[Any]:
+    """Every masked layer in `model`, wherever it lives (nested models,
+    wrappers, custom layers), each once.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), MaskedDense(2, name="fc")])
+    >>> [layer.name for layer in masked_layers(model)]
+    ['fc']
+    """
+    return [layer for layer in _own_layers(model) if isinstance(layer, MaskedLayer)]
+
+
+def iter_masked_weights(model: Any) -> Iterator[tuple[Any, str, Any, Any]]:
+    """Yields `(layer, weight name, raw variable, mask variable)` for every
+    masked weight of `model`."""
+    for layer in masked_layers(model):
+        if layer._masks_layer is None:
+            continue
+        masks = layer.masks
+        for key, variable in layer.prunable_weights.items():
+            yield layer, key, variable, masks[key]
+
+
+@keras.saving.register_keras_serializable(package="keras_prune")
+class MaskedDense(MaskedLayer, keras.layers.Dense):
+    """A `keras.layers.Dense` whose kernel is multiplied by a 0/1 mask.
+
+    Exactly `masked_class(keras.layers.Dense)` with two conveniences kept
+    from keras_prune 0.1: `layer.mask` (the kernel's mask) and
+    `layer.masked_kernel`, and it loads `.keras` files written by 0.1.
+    Computes `activation(inputs @ (kernel * mask) + bias)`; takes every
+    `Dense` argument.
+
+    Input shape:
+        N-D tensor with shape `(batch_size, ..., input_dim)`.
+
+    Output shape:
+        N-D tensor with shape `(batch_size, ..., units)`.
+
+    Example:
+
+    >>> layer = MaskedDense(2)
+    >>> y = layer(np.ones((1, 3)))
+    >>> layer.prune_to(np.array([[1, 0], [1, 0], [1, 0]]))
+    >>> layer.sparsity
+    0.5
+
+    Reference:
+        Han et al. 2015, "Learning both Weights and Connections for Efficient
+        Neural Networks", arXiv:1506.02626.
+    """
+
+    call = _masked_call(keras.layers.Dense.call)
+
+    @property
+    def mask(self) -> Any:
+        """The kernel's 0/1 mask variable."""
+        return self.masks["kernel"]
+
+    @property
+    def masked_kernel(self) -> Any:
+        """The kernel with pruned weights zeroed: `kernel * mask`."""
+        return ops.multiply(self.kernel, self.mask)
+
+    def load_own_variables(self, store: Any) -> None:
+        if "mask_bits" not in store.keys():
+            super().load_own_variables(store)
+            return
+        # A file written by keras_prune 0.1: kernel, bias and the mask's bits.
+        self._kernel.assign(store["kernel"])
+        if self.bias is not None:
+            self.bias.assign(store["bias"])
+        size = math.prod(self.mask.shape)
+        bits = np.unpackbits(np.asarray(store["mask_bits"]), count=size)
+        self.mask.assign(bits.reshape(self.mask.shape).astype(self.mask.dtype))
+        self._masks_layer.zero_pruned()
+
+
+_MASKED_CLASSES[keras.layers.Dense] = MaskedDense

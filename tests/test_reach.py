@@ -1,0 +1,288 @@
+"""`make_prunable`, the callback and the summary on every kind of model:
+each situation of the "prune any model" issue, with its right value."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_prune as kp
+from tests.backend_utils import to_numpy
+
+L = keras.layers
+
+
+def masked_share(model):
+    """Fraction of the trainable parameters that the masks cover."""
+    masked = sum(
+        int(np.prod(v.shape))
+        for layer in kp.masked_layers(model)
+        for v in layer.prunable_weights.values()
+    )
+    return masked / sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+def fit_pruned(model, x, y, sparsity=0.8, epochs=2, **kwargs):
+    model.compile(keras.optimizers.Adam(1e-3), kwargs.pop("loss", "mse"))
+    callback = kp.IterativePruningCallback(final_sparsity=sparsity, **kwargs)
+    return model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, callbacks=[callback])
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class TransformerBlock(L.Layer):
+    """The keras.io text-classification block: attention and feed-forward
+    as sublayers of a custom layer."""
+
+    def __init__(self, dim=8, heads=2, hidden=16, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.heads, self.hidden = dim, heads, hidden
+        self.attention = L.MultiHeadAttention(heads, dim // heads)
+        self.ffn = keras.Sequential([L.Dense(hidden, activation="relu"), L.Dense(dim)])
+        self.norm1 = L.LayerNormalization()
+        self.norm2 = L.LayerNormalization()
+
+    def call(self, x):
+        x = self.norm1(x + self.attention(x, x))
+        return self.norm2(x + self.ffn(x))
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "heads": self.heads,
+                "hidden": self.hidden}  # fmt: skip
+
+
+def tokens(n=16, length=6, vocab=50):
+    return np.random.default_rng(0).integers(0, vocab, size=(n, length))
+
+
+def transformer(custom_block):
+    inputs = keras.Input((6,), dtype="int32")
+    x = L.Embedding(50, 8)(inputs)
+    if custom_block:
+        x = TransformerBlock()(x)
+    else:
+        x = L.LayerNormalization()(x + L.MultiHeadAttention(2, 4)(x, x))
+        x = L.LayerNormalization()(x + L.Dense(8)(L.Dense(16, activation="relu")(x)))
+    outputs = L.Dense(2)(L.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("custom_block", [False, True], ids=["functional", "custom"])
+def test_transformer_is_pruned_through_attention_and_custom_layers(custom_block):
+    model = kp.make_prunable(transformer(custom_block), verbose=False)
+    # Everything but biases and the normalization weights: 92% here.
+    assert masked_share(model) > 0.9
+    history = fit_pruned(model, tokens(), np.zeros((16, 2)))
+    summary = kp.sparsity_summary(model)
+    assert summary.sparsity == pytest.approx(0.8, abs=0.01)
+    assert any("query" in name for name in history.history if "sparsity/" in name)
+
+
+def test_embedding_lstm_classifier_is_pruned():
+    model = keras.Sequential(
+        [keras.Input((6,)), L.Embedding(50, 8), L.LSTM(8, name="lstm"), L.Dense(2)]
+    )
+    model = kp.make_prunable(model)
+    assert masked_share(model) > 0.9
+    fit_pruned(model, tokens(), np.zeros((16, 2)))
+    rows = {row.name: row for row in kp.sparsity_summary(model).rows}
+    assert set(rows) >= {"lstm/kernel", "lstm/recurrent_kernel"}
+    assert rows["lstm/recurrent_kernel"].sparsity == pytest.approx(0.8, abs=0.01)
+
+
+def test_bidirectional_and_time_distributed_inner_layers_are_masked():
+    model = keras.Sequential(
+        [
+            keras.Input((5, 8)),
+            L.Bidirectional(L.GRU(16, return_sequences=True)),
+            L.TimeDistributed(L.Dense(2, name="per_step")),
+        ]
+    )
+    prunable = kp.make_prunable(model)
+    names = [type(layer).__name__ for layer in kp.masked_layers(prunable)]
+    assert names.count("MaskedGRU") == 2 and "MaskedDense" in names
+    assert masked_share(prunable) > 0.9
+    x = np.random.default_rng(0).normal(size=(8, 5, 8))
+    np.testing.assert_array_equal(
+        prunable.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    fit_pruned(prunable, x, np.zeros((8, 5, 2)))
+    assert kp.sparsity_summary(prunable).sparsity == pytest.approx(0.8, abs=0.01)
+
+
+def test_naming_a_layer_inside_a_wrapper_converts_it():
+    model = keras.Sequential(
+        [keras.Input((5, 3)), L.TimeDistributed(L.Dense(2, name="inner"))]
+    )
+    prunable = kp.make_prunable(model, layers=["inner"])
+    assert [layer.name for layer in kp.masked_layers(prunable)] == ["inner"]
+
+
+def test_einsum_dense_only_model_trains_and_prunes():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.EinsumDense("ab,bc->ac", 40),
+            L.EinsumDense("ab,bc->ac", 1),
+        ]
+    )
+    model = kp.make_prunable(model)
+    history = fit_pruned(model, np.ones((16, 4)), np.ones((16, 1)))
+    assert kp.sparsity_summary(model).sparsity == pytest.approx(0.8, abs=0.01)
+    assert len([k for k in history.history if k.startswith("sparsity/")]) == 2
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = L.Embedding(50, 8)
+        self.conv = L.Conv1D(8, 3, activation="relu")
+        self.pool = L.GlobalMaxPooling1D()
+        self.head = L.Dense(2)
+
+    def call(self, x):
+        return self.head(self.pool(self.conv(self.embedding(x))))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_subclassed_model_is_pruned_and_stripped(inplace):
+    model = Subclassed()
+    x = tokens()
+    expected = model.predict(x, verbose=0)
+    prunable = kp.make_prunable(model, inplace=inplace)
+    assert (prunable is model) == inplace
+    assert masked_share(prunable) > 0.9
+    np.testing.assert_allclose(prunable.predict(x, verbose=0), expected, atol=1e-6)
+    fit_pruned(prunable, x, np.zeros((16, 2)))
+    assert kp.sparsity_summary(prunable).sparsity == pytest.approx(0.8, abs=0.01)
+    stripped = kp.export_sparse(prunable, compute="dense")
+    assert not kp.masked_layers(stripped)
+    np.testing.assert_allclose(
+        stripped.predict(x, verbose=0), prunable.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_export_sparse_explains_what_a_subclassed_model_needs():
+    model = kp.make_prunable(Subclassed())
+    model.predict(tokens(), verbose=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^export_sparse can swap in SparseDense layers only in Sequential "
+        r"and Functional models\. Received: model='subclassed(_\d+)?' of type "
+        r"Subclassed\. Use compute=\"dense\" \(or strip_pruning\) to get a stock "
+        r"model\.$",
+    ):
+        kp.export_sparse(model, compute="coo")
+
+
+def test_sequential_without_input_is_pruned_once_built():
+    model = kp.make_prunable(keras.Sequential([L.Dense(8), L.Dense(2)]))
+    history = fit_pruned(model, np.ones((16, 4)), np.ones((16, 2)), sparsity=0.5)
+    assert history.history["sparsity/" + model.layers[0].name][-1] == 0.5
+
+
+def my_activation(x):
+    return keras.ops.relu(x) * 2.0
+
+
+def my_loss(y_true, y_pred):
+    return keras.ops.mean(keras.ops.abs(y_true - y_pred))
+
+
+def test_unregistered_activation_and_loss_need_no_registration():
+    model = keras.Sequential(
+        [keras.Input((4,)), L.Dense(3, activation=my_activation), L.Dense(1)]
+    )
+    model.compile("adam", my_loss)
+    prunable = kp.make_prunable(model)
+    assert prunable.layers[0].activation is my_activation
+    assert prunable.loss is my_loss
+    prunable.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+
+
+def test_a_target_that_would_empty_a_layer_keeps_one_weight_and_says_so():
+    model = kp.make_prunable(
+        keras.Sequential([keras.Input((40,)), L.Dense(1, name="fc")])
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"^A sparsity of 0\.99 would prune all 40 weights of 'fc' \(kernel\); "
+        r"keeping its largest one\.$",
+    ):
+        history = fit_pruned(
+            model, np.ones((8, 40)), np.ones((8, 1)), sparsity=0.99, schedule="constant"
+        )
+    # round(0.99 * 40) = 40 would empty it: 39 pruned, 1 kept.
+    assert history.history["sparsity/fc"] == [39 / 40, 39 / 40]
+
+
+class Gate(L.Layer):
+    """A custom layer with a weight of its own and no pruning rule."""
+
+    def build(self, input_shape):
+        self.gate = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.gate
+
+
+def test_make_prunable_reports_what_it_left():
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            L.Conv2D(2, 3),
+            L.BatchNormalization(name="bn"),
+            L.Flatten(),
+            Gate(name="gate"),
+            L.Dense(2, name="fc"),
+        ]  # fmt: skip
+    )
+    with pytest.warns(
+        UserWarning,
+        match=r"^make_prunable left 1 layer\(s\) with trainable weights unmasked:\n"
+        r"  gate \(Gate, 8 weights\): no pruning rule for Gate: give it a "
+        r"`get_prunable_weights\(\)` method$",
+    ):
+        prunable = kp.make_prunable(model)
+    report = kp.conversion_report(prunable)
+    assert [(e.name, e.status) for e in report.entries][1:] == [
+        ("bn", "left"),
+        ("gate", "left"),
+        ("fc", "already masked"),
+    ]
+    assert "normalization weights are not pruned" in str(report)
+
+
+def test_shared_layer_is_masked_once():
+    shared = L.Dense(3, name="shared")
+    a, b = keras.Input((3,)), keras.Input((3,))
+    model = keras.Model([a, b], shared(a) + shared(b))
+    prunable = kp.make_prunable(model)
+    assert [layer.name for layer in kp.masked_layers(prunable)] == ["shared"]
+
+
+def test_input_model_is_never_touched_on_any_backend():
+    model = keras.Sequential([keras.Input((3,)), L.Dense(2)])
+    model.compile("adam", "mse")
+    before = to_numpy(model.layers[0].kernel).copy()
+    prunable = kp.make_prunable(model)
+    prunable.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    # On JAX the copy must own its buffers: the input still predicts.
+    model.predict(np.ones((1, 3)), verbose=0)
+    np.testing.assert_array_equal(to_numpy(model.layers[0].kernel), before)
+    assert type(model.layers[0]) is L.Dense
+
+
+def test_strip_pruning_gives_stock_layers_ready_to_quantize():
+    model = kp.make_prunable(keras.Sequential([keras.Input((8,)), L.Dense(4)]))
+    mask = np.zeros((8, 4), "float32")
+    mask[::2] = 1
+    model.layers[0].prune_to(mask)
+    stripped = kp.strip_pruning(model)
+    assert type(stripped.layers[0]) is L.Dense
+    assert kp.masked_layers(model)  # the input is untouched
+    np.testing.assert_array_equal(to_numpy(stripped.layers[0].kernel)[1::2], 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stripped.quantize("int8")
+    assert stripped.layers[0].quantization_mode == "int8"
