@@ -29,6 +29,7 @@ from keras_prune.convert import (
 from keras_prune.layers import SparseDense
 from keras_prune.masking import (
     PRUNABLE_WEIGHTS,
+    MaskedContainer,
     MaskedDense,
     MaskedLayer,
     masked_class,
@@ -56,6 +57,7 @@ __all__ = [
     "IterativePruningCallback",
     "LayerSparsity",
     "ListSchedule",
+    "MaskedContainer",
     "MaskedDense",
     "MaskedLayer",
     "PolynomialSchedule",

@@ -22,7 +22,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_prune.masking import MaskedDense, MaskedLayer, is_prunable, masked_class  # noqa: F401
+from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
+    MaskedContainer,
+    MaskedDense,
+    MaskedLayer,
+    carries_sublayer_configs,
+    is_graph_model,
+    is_prunable,
+    mask_in_place,
+    masked_paths,
+)
 
 _NORMALIZATION = (
     keras.layers.BatchNormalization,
@@ -201,12 +210,6 @@ def _why_not(layer: Any) -> str | None:
     return None
 
 
-def _mask_in_place(layer: Any) -> None:
-    layer.__class__ = masked_class(type(layer))
-    if layer.built:
-        layer._attach_masks()
-
-
 def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
     if layers is None:
         return lambda layer: True
@@ -257,7 +260,7 @@ def _convert(
                 elif not selected(layer):
                     reason = "not selected by `layers`"
                 if reason is None:
-                    _mask_in_place(layer)
+                    mask_in_place(layer)
                     entry(layer, kind, "masked")
                 else:
                     entry(layer, kind, "left", reason)
@@ -267,6 +270,16 @@ def _convert(
                 visit(layer)
 
     visit(model)
+    if apply:
+        # Layers that make their (now masked) sublayers themselves record
+        # them in their config, so that loading masks them again.
+        for layer in model._flatten_layers(include_self=True):
+            if (
+                not isinstance(layer, MaskedLayer | MaskedContainer)
+                and not carries_sublayer_configs(layer)
+                and masked_paths(layer)
+            ):
+                mask_in_place(layer)
     return ConversionReport(tuple(entries))
 
 
@@ -441,6 +454,8 @@ def strip_pruning(model: keras.Model, *, inplace: bool = False) -> keras.Model:
     for layer in target._flatten_layers(include_self=True, recursive=True):
         if isinstance(layer, MaskedLayer):
             _unmask_in_place(layer)
+        elif isinstance(layer, MaskedContainer):
+            layer.__class__ = type(layer).__mro__[2]
     _reset_compiled_functions(target)
     return target
 
@@ -540,10 +555,10 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     sparse = {id(layer): layer for layer in _sparse_candidates(model, compute)}
     if not sparse:
         stripped = strip_pruning(model)
-        if stripped.compiled and _is_graph_model(stripped):
+        if stripped.compiled and is_graph_model(stripped):
             stripped = _uncompiled(stripped)
         return stripped
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             "export_sparse can swap in SparseDense layers only in Sequential and "
             "Functional models. Received: model="
@@ -571,10 +586,6 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         )
 
     return _clone_functional(model, replace)
-
-
-def _is_graph_model(model: keras.Model) -> bool:
-    return isinstance(model, keras.Sequential) or type(model).__name__ == "Functional"
 
 
 def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:

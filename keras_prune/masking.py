@@ -474,21 +474,29 @@ _MASKED_CLASSES: dict[type, type] = {}
 def masked_class(cls: type) -> type:
     """Returns the masked version of a Keras layer class, `Masked<Name>`.
 
+    For a class with prunable weights (a stock class of `PRUNABLE_WEIGHTS`
+    or a subclass, or a class with `get_prunable_weights()`), the class with
+    `MaskedLayer` in front: its weights are masked. For any other layer or
+    model class, the class with `MaskedContainer` in front: it holds masked
+    sublayers that its own constructor or `build` makes as stock layers
+    (attention layers, custom blocks, subclassed models), and its config
+    records which, so that they are masked again when it is loaded.
+
     The class is made once per `cls` and registered as a Keras serializable
     (`"keras_prune>Masked<Name>"`), so `.keras` files load it without
-    `custom_objects`. For your own layer classes, call this before
-    `keras.models.load_model` in a new process.
+    `custom_objects`. For your own classes, call this before
+    `keras.models.load_model` in a new process (`make_prunable` calls it in
+    the process that converts).
 
     Args:
-        cls: A stock layer class from `PRUNABLE_WEIGHTS` (or a subclass),
-            or a layer class with a `get_prunable_weights()` method.
+        cls: A `keras.layers.Layer` subclass.
 
     Returns:
-        A subclass of `cls` with `MaskedLayer` first in its bases.
+        A subclass of `cls` with `MaskedLayer` or `MaskedContainer` first in
+        its bases.
 
     Raises:
-        ValueError: If keras_prune cannot tell which weights of `cls` to
-            prune.
+        ValueError: If `cls` is not a layer class.
 
     Example:
 
@@ -504,31 +512,171 @@ def masked_class(cls: type) -> type:
         raise ValueError(
             f"Expected `cls` to be a keras.layers.Layer subclass. Received: {cls!r}"
         )
-    if issubclass(cls, MaskedLayer):
+    if issubclass(cls, MaskedLayer | MaskedContainer):
         return cls
     if cls in _MASKED_CLASSES:
         return _MASKED_CLASSES[cls]
-    if not hasattr(cls, "get_prunable_weights") and _registered_names(cls) is None:
-        raise ValueError(
-            f"keras_prune has no rule for layer class {cls.__name__}: give it a "
-            "`get_prunable_weights()` method returning the variables to prune."
-        )
-    name = f"Masked{cls.__name__}"
-    masked = type(
-        name,
-        (MaskedLayer, cls),
-        {
-            "__module__": __name__,
-            "call": _masked_call(cls.call),
-            "__doc__": (
-                f"A `{cls.__module__}.{cls.__name__}` whose prunable weights "
-                "are masked; see `keras_prune.masking`."
-            ),
-        },
-    )
+    namespace = {
+        "__module__": __name__,
+        "__doc__": (
+            f"A `{cls.__module__}.{cls.__name__}` with masked weights or "
+            "sublayers; see `keras_prune.masking`."
+        ),
+    }
+    if hasattr(cls, "get_prunable_weights") or _registered_names(cls) is not None:
+        bases: tuple[type, ...] = (MaskedLayer, cls)
+        namespace["call"] = _masked_call(cls.call)
+    else:
+        bases = (MaskedContainer, cls)
+    masked = type(f"Masked{cls.__name__}", bases, namespace)
     masked = keras.saving.register_keras_serializable(package="keras_prune")(masked)
     _MASKED_CLASSES[cls] = masked
     return masked
+
+
+def mask_in_place(layer: Any) -> None:
+    """Turns `layer` into its masked class (`masked_class`), keeping the
+    object, its weights and its place in every model that holds it. A built
+    layer gets full masks at once, an unbuilt one when it is built."""
+    if isinstance(layer, MaskedLayer | MaskedContainer):
+        return
+    layer.__class__ = masked_class(type(layer))
+    if isinstance(layer, MaskedLayer) and layer.built:
+        layer._attach_masks()
+
+
+def is_graph_model(layer: Any) -> bool:
+    """Whether `layer` is a Sequential or Functional model (whose config
+    holds its layers' configs)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, keras.Sequential | Functional)
+
+
+def carries_sublayer_configs(layer: Any) -> bool:
+    """Whether `layer`'s config holds its sublayers' configs, so that masked
+    sublayers come back masked from the config alone: graph models,
+    wrappers (`TimeDistributed`, `Bidirectional`) and `RNN` with its cell."""
+    return is_graph_model(layer) or isinstance(
+        layer, keras.layers.Wrapper | keras.layers.RNN
+    )
+
+
+def _child_steps(parent: Any) -> list[tuple[list[Any], Any]]:
+    """`(step, sublayer)` for each direct sublayer of `parent`, where a step
+    addresses it the same way in any rebuild of `parent`: its index in
+    `parent.layers` for a graph model, else the attribute that holds it (and
+    the index, in a list attribute)."""
+    if is_graph_model(parent):
+        return [(["layers", i], layer) for i, layer in enumerate(parent.layers)]
+    steps = []
+    for attr, value in vars(parent).items():
+        if attr in ("_layers", "pruning_masks", "_masks_layer") or attr.startswith(
+            "_tracker"
+        ):
+            continue
+        if isinstance(value, keras.layers.Layer):
+            steps.append((["attr", attr], value))
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                if isinstance(item, keras.layers.Layer):
+                    steps.append((["item", attr, i], item))
+    return steps
+
+
+def _resolve(parent: Any, path: list[list[Any]]) -> tuple[Any, int]:
+    """Follows `path` from `parent` as far as it goes: returns the last
+    layer reached and how many steps led to it."""
+    layer = parent
+    for done, step in enumerate(path):
+        if step[0] == "layers":
+            layers = layer.layers if is_graph_model(layer) else []
+            child = layers[step[1]] if step[1] < len(layers) else None
+        elif step[0] == "attr":
+            child = vars(layer).get(step[1])
+        else:
+            items = vars(layer).get(step[1])
+            child = (
+                items[step[2]]
+                if isinstance(items, list | tuple) and step[2] < len(items)
+                else None
+            )
+        if not isinstance(child, keras.layers.Layer):
+            return layer, done
+        layer = child
+    return layer, len(path)
+
+
+def masked_paths(container: Any) -> list[list[list[Any]]]:
+    """Paths (lists of steps, see `_child_steps`) from `container` to every
+    masked layer below it."""
+    found: list[list[list[Any]]] = []
+    seen: set[int] = set()
+
+    def visit(parent: Any, path: list[list[Any]]) -> None:
+        for step, child in _child_steps(parent):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if isinstance(child, MaskedLayer):
+                found.append([*path, step])
+            else:
+                visit(child, [*path, step])
+
+    visit(container, [])
+    return found
+
+
+class MaskedContainer:
+    """Mixin for a layer or model that holds masked sublayers it builds
+    itself (in `__init__` or `build`) as stock layers: attention layers,
+    custom blocks, subclassed models.
+
+    Its config gains `"masked_sublayers"`, the paths to its masked
+    sublayers; `from_config` and `build` mask them again, so a `.keras` file
+    loads with every mask. Made by `masked_class`; never used alone.
+    """
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "masked_sublayers": masked_paths(self)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        config = dict(config)
+        paths = config.pop("masked_sublayers", [])
+        layer = super().from_config(config)
+        object.__setattr__(layer, "_pending_masks", _Hidden([list(p) for p in paths]))
+        layer._mask_pending()
+        return layer
+
+    def _post_build(self) -> None:
+        # Sublayers made by `build` exist now, before their weights load.
+        self._mask_pending()
+        super()._post_build()
+
+    def _mask_pending(self) -> None:
+        pending = getattr(self, "_pending_masks", None)
+        if pending is None:
+            return
+        left = []
+        for path in pending.value:
+            layer, done = _resolve(self, path)
+            if done == len(path):
+                mask_in_place(layer)
+            elif done == 0:
+                left.append(path)  # Made by this layer's `build`: wait.
+            else:
+                # A sublayer (made stock by this layer) makes the rest in its
+                # own `build`: it takes over the rest of the path.
+                mask_in_place(layer)
+                if isinstance(layer, MaskedContainer):
+                    handed = getattr(layer, "_pending_masks", None)
+                    if handed is None:
+                        handed = _Hidden([])
+                        object.__setattr__(layer, "_pending_masks", handed)
+                    handed.value.append(path[done:])
+                    layer._mask_pending()
+        pending.value = left
 
 
 def masked_layers(model: Any) -> list[Any]:
@@ -611,3 +759,12 @@ class MaskedDense(MaskedLayer, keras.layers.Dense):
 
 
 _MASKED_CLASSES[keras.layers.Dense] = MaskedDense
+# The masked classes of every covered stock class, and of the stock layers
+# that make prunable sublayers in `build`, exist from import on: `.keras`
+# files that hold them load in any process.
+for _cls in (
+    *PRUNABLE_WEIGHTS,
+    keras.layers.MultiHeadAttention,
+    keras.layers.GroupQueryAttention,
+):
+    masked_class(_cls)

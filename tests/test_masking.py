@@ -181,13 +181,14 @@ def test_custom_layer_opts_in_with_get_prunable_weights(tmp_path):
     )
 
 
-def test_masked_class_refuses_layers_without_a_rule():
+def test_masked_class_of_a_layer_without_weights_rule_is_a_container():
+    assert kp.masked_class(L.MultiHeadAttention).__mro__[1] is kp.MaskedContainer
     with pytest.raises(
         ValueError,
-        match=r"^keras_prune has no rule for layer class ReLU: give it a "
-        r"`get_prunable_weights\(\)` method returning the variables to prune\.$",
+        match=r"^Expected `cls` to be a keras\.layers\.Layer subclass\. "
+        r"Received: <class 'int'>$",
     ):
-        kp.masked_class(L.ReLU)
+        kp.masked_class(int)
 
 
 def test_file_written_by_keras_prune_0_1_loads_with_its_masks():

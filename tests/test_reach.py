@@ -13,6 +13,25 @@ from tests.backend_utils import to_numpy
 L = keras.layers
 
 
+def mask_counts(model):
+    # Sublayers that a custom layer makes get new automatic names on load.
+    return sorted(
+        (type(layer).__name__, key, int(np.count_nonzero(to_numpy(mask))))
+        for layer, key, _, mask in kp.masking.iter_masked_weights(model)
+    )
+
+
+def assert_round_trip(model, x, tmp_path):
+    """A `.keras` file restores every mask and the same outputs."""
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert mask_counts(loaded) == mask_counts(model)
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
+    return loaded
+
+
 def masked_share(model):
     """Fraction of the trainable parameters that the masks cover."""
     masked = sum(
@@ -68,7 +87,9 @@ def transformer(custom_block):
 
 
 @pytest.mark.parametrize("custom_block", [False, True], ids=["functional", "custom"])
-def test_transformer_is_pruned_through_attention_and_custom_layers(custom_block):
+def test_transformer_is_pruned_through_attention_and_custom_layers(
+    custom_block, tmp_path
+):
     model = kp.make_prunable(transformer(custom_block), verbose=False)
     # Everything but biases and the normalization weights: 92% here.
     assert masked_share(model) > 0.9
@@ -76,9 +97,12 @@ def test_transformer_is_pruned_through_attention_and_custom_layers(custom_block)
     summary = kp.sparsity_summary(model)
     assert summary.sparsity == pytest.approx(0.8, abs=0.01)
     assert any("query" in name for name in history.history if "sparsity/" in name)
+    # The attention projections are made by MultiHeadAttention.build, the
+    # block's sublayers by its constructor: both come back masked.
+    assert_round_trip(model, tokens(), tmp_path)
 
 
-def test_embedding_lstm_classifier_is_pruned():
+def test_embedding_lstm_classifier_is_pruned(tmp_path):
     model = keras.Sequential(
         [keras.Input((6,)), L.Embedding(50, 8), L.LSTM(8, name="lstm"), L.Dense(2)]
     )
@@ -88,9 +112,10 @@ def test_embedding_lstm_classifier_is_pruned():
     rows = {row.name: row for row in kp.sparsity_summary(model).rows}
     assert set(rows) >= {"lstm/kernel", "lstm/recurrent_kernel"}
     assert rows["lstm/recurrent_kernel"].sparsity == pytest.approx(0.8, abs=0.01)
+    assert_round_trip(model, tokens(), tmp_path)
 
 
-def test_bidirectional_and_time_distributed_inner_layers_are_masked():
+def test_bidirectional_and_time_distributed_inner_layers_are_masked(tmp_path):
     model = keras.Sequential(
         [
             keras.Input((5, 8)),
@@ -108,6 +133,7 @@ def test_bidirectional_and_time_distributed_inner_layers_are_masked():
     )
     fit_pruned(prunable, x, np.zeros((8, 5, 2)))
     assert kp.sparsity_summary(prunable).sparsity == pytest.approx(0.8, abs=0.01)
+    assert_round_trip(prunable, x, tmp_path)
 
 
 def test_naming_a_layer_inside_a_wrapper_converts_it():
@@ -145,7 +171,7 @@ class Subclassed(keras.Model):
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
-def test_subclassed_model_is_pruned_and_stripped(inplace):
+def test_subclassed_model_is_pruned_saved_and_stripped(inplace, tmp_path):
     model = Subclassed()
     x = tokens()
     expected = model.predict(x, verbose=0)
@@ -155,6 +181,8 @@ def test_subclassed_model_is_pruned_and_stripped(inplace):
     np.testing.assert_allclose(prunable.predict(x, verbose=0), expected, atol=1e-6)
     fit_pruned(prunable, x, np.zeros((16, 2)))
     assert kp.sparsity_summary(prunable).sparsity == pytest.approx(0.8, abs=0.01)
+    assert type(prunable).__name__ == "MaskedSubclassed"
+    assert_round_trip(prunable, x, tmp_path)
     stripped = kp.export_sparse(prunable, compute="dense")
     assert not kp.masked_layers(stripped)
     np.testing.assert_allclose(
@@ -169,7 +197,7 @@ def test_export_sparse_explains_what_a_subclassed_model_needs():
         ValueError,
         match=r"^export_sparse can swap in SparseDense layers only in Sequential "
         r"and Functional models\. Received: model='subclassed(_\d+)?' of type "
-        r"Subclassed\. Use compute=\"dense\" \(or strip_pruning\) to get a stock "
+        r"MaskedSubclassed\. Use compute=\"dense\" \(or strip_pruning\) to get a stock "
         r"model\.$",
     ):
         kp.export_sparse(model, compute="coo")
@@ -286,3 +314,28 @@ def test_strip_pruning_gives_stock_layers_ready_to_quantize():
         warnings.simplefilter("ignore")
         stripped.quantize("int8")
     assert stripped.layers[0].quantization_mode == "int8"
+
+
+FRESH_PROCESS = """
+import sys
+import keras, numpy as np
+import keras_prune as kp
+model = keras.models.load_model(sys.argv[1])
+print(len(kp.masked_layers(model)))
+"""
+
+
+def test_a_new_process_loads_masked_stock_layers_without_registering(tmp_path):
+    import subprocess
+    import sys
+
+    model = kp.make_prunable(transformer(custom_block=False), verbose=False)
+    model.save(tmp_path / "model.keras")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "model.keras")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # Embedding, 4 attention projections, 3 Dense.
+    assert result.stdout.split()[-1] == str(len(kp.masked_layers(model))) == "8"
