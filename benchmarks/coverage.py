@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--models", help="comma-separated substrings of model names")
     args = parser.parse_args(argv)
-    repeats = 3 if args.quick else 9
+    repeats = 3 if args.quick else 15
     chosen = cases(args.quick)
     if args.models:
         wanted = [w.strip().lower() for w in args.models.split(",")]

@@ -102,10 +102,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
             (global magnitude pruning), so that layers with smaller weights
             give up more. Defaults to `"layer"`.
         min_kept: With `scope="global"`, the least fraction of its weights
-            each layer keeps: a number for every layer or a dict by layer
-            name. Defaults to `None` (at least one weight).
-        max_kept: With `scope="global"`, the most fraction of its weights
-            each layer keeps, likewise. Defaults to `None`.
+            each prunable weight keeps (an LSTM's kernel and recurrent
+            kernel are bounded separately): a number for every layer or a
+            dict by layer name. Defaults to `None` (at least one weight).
+        max_kept: With `scope="global"`, the most fraction each prunable
+            weight keeps, likewise. Defaults to `None`.
         unit: `"epoch"` or `"step"`: what `begin_epoch`, `end_epoch`,
             `frequency` and the schedule count. With `"step"` the masks are
             updated before training steps (optimizer iterations, so a
@@ -214,9 +215,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._cut_masks: dict[tuple[int, str], np.ndarray] = {}
         self._warned_full: set[tuple[str, str]] = set()
         self._applied: dict[str | None, float] = {}
+        self._cut_masks_owner: Any = None
         self._epoch_start_step = 0
+        self._first_epoch = 0
         self._epoch = 0
-        self._pending = False
+        self._started = False
 
     @staticmethod
     def _validate_fractions(value: Any, name: str) -> Any:
@@ -285,7 +288,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
                     "end_epoch=None"
                 )
             return self.end_epoch or 0
-        return self._epoch_start_step + epochs * steps - 1
+        # The callback runs before each group of `steps_per_execution`
+        # steps: the last cut can come before the last group.
+        group = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        return self._epoch_start_step + (epochs - self._first_epoch) * steps - group
 
     def _resolve_schedules(self) -> dict[str | None, PruningSchedule]:
         """Maps each pruned layer's name (`None`: all layers together) to its
@@ -471,29 +477,43 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     # --- Keras hooks --------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
-        found = masked_layers(self.model)
-        if not found:
+        if not masked_layers(self.model):
             raise ValueError(
                 "IterativePruningCallback found no masked layer to prune in "
                 f"model {self.model.name!r}. Convert it with "
                 "keras_prune.make_prunable(model), or build it from masked "
                 "layers (keras_prune.MaskedDense, keras_prune.masked_class)."
             )
-        self._epoch = 0
-        # A model built by its first batch (a Sequential without an Input,
-        # on TensorFlow) gets its masks then: start after that batch.
-        self._pending = not all(layer.built for layer in found)
-        if not self._pending:
-            self._start()
+        if self._cut_masks_owner is not self.model:
+            self._cut_masks = {}
+            self._cut_masks_owner = self.model
+        self._started = False
 
-    def _start(self) -> None:
+    def _maybe_start(self, epoch: int, steps_done: int) -> bool:
+        """Resolves the schedules once the masked layers are built: at the
+        first epoch, or after the first batch for a model that its first
+        batch builds (a Sequential without an `Input`, on TensorFlow)."""
+        if self._started:
+            return True
+        unbuilt = [layer.name for layer in masked_layers(self.model) if not layer.built]
+        if unbuilt and steps_done == 0:
+            return False
+        if unbuilt:
+            warnings.warn(
+                f"Masked layers {unbuilt} were not built by the first batch (not "
+                "used by the model?): they are not pruned.",
+                stacklevel=3,
+            )
         self._sync_backend_state()
-        self._epoch_start_step = self._iterations()
+        self._first_epoch = epoch
+        self._epoch_start_step = self._iterations() - steps_done
         self._applied = {}
         self.layer_schedules = self._resolve_schedules()
         if self._cut_masks:
             self._restore_rolled_back()
         self._record_masks()
+        self._started = True
+        return True
 
     def _iterations(self) -> int:
         optimizer = getattr(self.model, "optimizer", None)
@@ -503,26 +523,21 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
-        if self._pending:
-            return
-        self._restore_rolled_back()
-        if self.unit == "epoch":
-            self._cut(epoch)
-        else:
+        if self._started:
+            self._restore_rolled_back()
             self._epoch_start_step = self._iterations()
+        if self._maybe_start(epoch, 0) and self.unit == "epoch":
+            self._cut(epoch)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if self.unit == "step" and not self._pending:
+        if self.unit == "step" and self._started:
             self._cut(self._epoch_start_step + batch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._pending and all(layer.built for layer in masked_layers(self.model)):
-            self._pending = False
-            self._start()
+        if not self._started and self._maybe_start(self._epoch, batch + 1):
             if self.unit == "epoch":
                 self._cut(self._epoch)
             else:
-                self._epoch_start_step = self._iterations() - batch - 1
                 self._cut(self._epoch_start_step + batch + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

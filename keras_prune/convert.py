@@ -31,6 +31,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     is_prunable,
     mask_in_place,
     masked_paths,
+    unmask_in_place,
 )
 
 _NORMALIZATION = (
@@ -407,22 +408,6 @@ def conversion_report(model: keras.Model) -> ConversionReport:
     return _convert(model, lambda layer: False, apply=False)
 
 
-def _unmask_in_place(layer: Any) -> None:
-    """Turns a masked layer back into its stock class, `weight * mask` kept."""
-    masks = layer._masks_layer
-    if masks is not None:
-        masks.zero_pruned()
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        if masks in layer._layers:
-            layer._layers.remove(masks)
-        object.__delattr__(layer, "pruning_masks")
-        object.__setattr__(layer, "_masks_layer", None)
-        if locked:
-            layer._tracker.lock()
-    layer.__class__ = type(layer).__mro__[2]
-
-
 def strip_pruning(model: keras.Model, *, inplace: bool = False) -> keras.Model:
     """Returns `model` with every masked layer back to its stock class.
 
@@ -452,10 +437,7 @@ def strip_pruning(model: keras.Model, *, inplace: bool = False) -> keras.Model:
     _check_model(model, "strip_pruning")
     target = model if inplace else copy_model(model)
     for layer in target._flatten_layers(include_self=True, recursive=True):
-        if isinstance(layer, MaskedLayer):
-            _unmask_in_place(layer)
-        elif isinstance(layer, MaskedContainer):
-            layer.__class__ = type(layer).__mro__[2]
+        unmask_in_place(layer)
     _reset_compiled_functions(target)
     return target
 
@@ -552,27 +534,40 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
                 "Expected every masked layer to be built before export. "
                 f"Received: layer {layer.name!r}, not built"
             )
-    sparse = {id(layer): layer for layer in _sparse_candidates(model, compute)}
-    if not sparse:
-        stripped = strip_pruning(model)
-        if stripped.compiled and is_graph_model(stripped):
-            stripped = _uncompiled(stripped)
-        return stripped
-    if not is_graph_model(model):
+    candidates = _sparse_candidates(model, compute)
+    if candidates and not is_graph_model(model):
         raise ValueError(
             "export_sparse can swap in SparseDense layers only in Sequential and "
             "Functional models. Received: model="
             f"{model.name!r} of type {type(model).__name__}. Use "
             'compute="dense" (or strip_pruning) to get a stock model.'
         )
+    graph = {
+        id(layer)
+        for owner in model._flatten_layers(include_self=True)
+        if is_graph_model(owner)
+        for layer in owner.layers
+    }
+    deep = [layer.name for layer in candidates if id(layer) not in graph]
+    if deep:
+        warnings.warn(
+            f"export_sparse keeps {deep} as Dense: SparseDense replaces layers of "
+            "a Sequential or Functional graph, not layers inside wrappers or "
+            "custom layers.",
+            stacklevel=2,
+        )
+    sparse = {id(layer): layer for layer in candidates if id(layer) in graph}
+    if not sparse:
+        stripped = strip_pruning(model)
+        if stripped.compiled and is_graph_model(stripped):
+            stripped = _uncompiled(stripped)
+        return stripped
     from keras_prune.backend import tensorflow_module
     from keras_prune.layers import SparseDense
 
     tensorflow_module("export_sparse")
 
     def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
-        if isinstance(layer, MaskedLayer) and id(layer) not in sparse:
-            return _stock_copy(layer)
         if id(layer) not in sparse:
             return None
         config = layer.get_config()
@@ -585,11 +580,14 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
             dtype=config["dtype"],
         )
 
-    return _clone_functional(model, replace)
+    # Masked layers that stay dense, in the graph or deeper (attention,
+    # wrappers), were copied masked: strip them on the copy.
+    return strip_pruning(_clone_functional(model, replace), inplace=True)
 
 
 def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:
-    """The masked Dense layers that `export_sparse` makes `SparseDense`."""
+    """The masked Dense layers sparse and large enough for `SparseDense`
+    (all of them with a forced sparse `compute`)."""
     if compute == "dense":
         return []
     found = []
@@ -609,22 +607,6 @@ def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:
         if sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size):
             found.append(layer)
     return found
-
-
-def _stock_copy(layer: Any) -> keras.layers.Layer:
-    """A new stock-class layer with `layer`'s config and masked weights."""
-    base = type(layer).__mro__[2]
-    layer._masks_layer.zero_pruned()
-    stock = base.from_config(layer.get_config())
-    stock.build_from_config(layer.get_build_config())
-    stock.set_weights(
-        [
-            np.array(w)
-            for w in layer.weights
-            if not any(w is m for m in layer.masks.values())
-        ]
-    )
-    return stock
 
 
 def _uncompiled(model: keras.Model) -> keras.Model:

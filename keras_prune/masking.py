@@ -98,7 +98,18 @@ def is_prunable(layer: Any) -> bool:
 
 
 def _base_class(cls: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, MaskedLayer) else cls
+    return stock_class(cls)
+
+
+def stock_class(cls: type) -> type:
+    """The class a masked class was made from: the first layer class in its
+    MRO that is not masked (`Dense` for `MaskedDense` and its subclasses)."""
+    for klass in cls.__mro__:
+        if issubclass(klass, keras.layers.Layer) and not issubclass(
+            klass, MaskedLayer | MaskedContainer
+        ):
+            return klass
+    return cls
 
 
 def find_prunable_weights(layer: Any) -> list[Any]:
@@ -366,25 +377,45 @@ class MaskedLayer:
         saved = []
         try:
             for key, owner, attr, variable in self._mask_slots.value:
-                value = variable.value
                 mask = self._masks_layer.masks[key].value
                 # The constraint of this training step multiplies by the same
                 # read, so that it never reads the mask variable itself.
                 self._mask_reads.value[key] = mask
+                value = variable.value
+                if getattr(owner, "lora_enabled", False) and attr.startswith("_"):
+                    # LoRA adds its product to the kernel: mask the sum, so
+                    # that pruned weights stay zero with LoRA too.
+                    value = getattr(owner, attr[1:])
+                    saved.append((owner, "lora_enabled", True))
+                    object.__setattr__(owner, "lora_enabled", False)
                 saved.append((owner, attr, owner.__dict__[attr]))
                 object.__setattr__(
                     owner, attr, ops.multiply(value, ops.cast(mask, value.dtype))
                 )
             yield
         finally:
-            for owner, attr, original in saved:
+            for owner, attr, original in reversed(saved):
                 object.__setattr__(owner, attr, original)
 
     # --- saving -------------------------------------------------------
     def save_own_variables(self, store: Any) -> None:
-        if self._masks_layer is not None:
-            self._masks_layer.zero_pruned()
-        super().save_own_variables(store)
+        # Write `weight * mask`, without changing the live weights.
+        if self._masks_layer is None:
+            super().save_own_variables(store)
+            return
+        masks = self._masks_layer.masks
+        originals = []
+        for key, _, _, variable in self._mask_slots.value:
+            value = ops.convert_to_numpy(variable)
+            keep = ops.convert_to_numpy(masks[key]) != 0
+            if np.count_nonzero(value[~keep]):
+                originals.append((variable, value))
+                variable.assign(np.where(keep, value, 0).astype(value.dtype))
+        try:
+            super().save_own_variables(store)
+        finally:
+            for variable, value in originals:
+                variable.assign(value)
 
     # --- public API ---------------------------------------------------
     @property
@@ -545,6 +576,30 @@ def mask_in_place(layer: Any) -> None:
         layer._attach_masks()
 
 
+def unmask_in_place(layer: Any) -> None:
+    """Turns a masked layer or container back into its stock class; a
+    masked layer keeps `weight * mask` as its weights and loses its masks
+    and constraints."""
+    if isinstance(layer, MaskedLayer) and layer._masks_layer is not None:
+        masks = layer._masks_layer
+        masks.zero_pruned()
+        for _, _, _, variable in layer._mask_slots.value:
+            if isinstance(variable.constraint, _MaskConstraint):
+                variable.constraint = variable.constraint.inner
+        locked = layer._tracker.locked
+        layer._tracker.unlock()
+        if masks in layer._layers:
+            layer._layers.remove(masks)
+        delattr(layer, "pruning_masks")
+        for name in ("_masks_layer", "_mask_slots", "_mask_reads"):
+            if name in vars(layer):
+                object.__delattr__(layer, name)
+        if locked:
+            layer._tracker.lock()
+    if isinstance(layer, MaskedLayer | MaskedContainer):
+        layer.__class__ = stock_class(type(layer))
+
+
 def is_graph_model(layer: Any) -> bool:
     """Whether `layer` is a Sequential or Functional model (whose config
     holds its layers' configs)."""
@@ -558,8 +613,18 @@ def carries_sublayer_configs(layer: Any) -> bool:
     sublayers come back masked from the config alone: graph models,
     wrappers (`TimeDistributed`, `Bidirectional`) and `RNN` with its cell."""
     return is_graph_model(layer) or isinstance(
-        layer, keras.layers.Wrapper | keras.layers.RNN
+        layer, keras.layers.Wrapper | keras.layers.Bidirectional | keras.layers.RNN
     )
+
+
+def _attributes(layer: Any) -> dict[str, Any]:
+    """A layer's instance attributes, sublayers included (PyTorch's
+    `Module` keeps those in `_modules`, not in `__dict__`)."""
+    found = dict(vars(layer))
+    modules = found.get("_modules")
+    if isinstance(modules, dict):
+        found.update(modules)
+    return found
 
 
 def _child_steps(parent: Any) -> list[tuple[list[Any], Any]]:
@@ -570,10 +635,8 @@ def _child_steps(parent: Any) -> list[tuple[list[Any], Any]]:
     if is_graph_model(parent):
         return [(["layers", i], layer) for i, layer in enumerate(parent.layers)]
     steps = []
-    for attr, value in vars(parent).items():
-        if attr in ("_layers", "pruning_masks", "_masks_layer") or attr.startswith(
-            "_tracker"
-        ):
+    for attr, value in _attributes(parent).items():
+        if attr in ("_layers", "pruning_masks", "_masks_layer", "_modules"):
             continue
         if isinstance(value, keras.layers.Layer):
             steps.append((["attr", attr], value))
@@ -581,6 +644,10 @@ def _child_steps(parent: Any) -> list[tuple[list[Any], Any]]:
             for i, item in enumerate(value):
                 if isinstance(item, keras.layers.Layer):
                     steps.append((["item", attr, i], item))
+        elif isinstance(value, dict):
+            for k, item in value.items():
+                if isinstance(item, keras.layers.Layer) and isinstance(k, str):
+                    steps.append((["item", attr, k], item))
     return steps
 
 
@@ -593,14 +660,15 @@ def _resolve(parent: Any, path: list[list[Any]]) -> tuple[Any, int]:
             layers = layer.layers if is_graph_model(layer) else []
             child = layers[step[1]] if step[1] < len(layers) else None
         elif step[0] == "attr":
-            child = vars(layer).get(step[1])
+            child = _attributes(layer).get(step[1])
         else:
-            items = vars(layer).get(step[1])
-            child = (
-                items[step[2]]
-                if isinstance(items, list | tuple) and step[2] < len(items)
-                else None
-            )
+            items = _attributes(layer).get(step[1])
+            if isinstance(items, dict):
+                child = items.get(step[2])
+            elif isinstance(items, list | tuple) and step[2] < len(items):
+                child = items[step[2]]
+            else:
+                child = None
         if not isinstance(child, keras.layers.Layer):
             return layer, done
         layer = child

@@ -147,8 +147,8 @@ def global_magnitude_masks(
     `round(sparsity * total size)` weights are zero. A tensor keeps at
     least `min_kept[i]` of its weights (and always one) and at most
     `max_kept[i]`; within those bounds the smallest magnitudes overall go
-    first. Pruned weights stay pruned, so a tensor already below its
-    `max_kept` or past the target stays as it is.
+    first. Pruned weights stay pruned: a tensor already pruned past its
+    share keeps its mask, and the total then overshoots the target.
 
     Args:
         weights: The tensors' values, any shapes.

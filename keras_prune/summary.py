@@ -133,10 +133,15 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
             f"Received: model={model!r} of type {type(model).__name__}"
         )
     rows = []
+    covered: set[int] = set()  # sublayers of a layer already counted
     for layer in model._flatten_layers(include_self=False):
         kind = type(layer).__name__
-        if not layer.built:
+        if not layer.built or id(layer) in covered:
             continue
+        if isinstance(layer, MaskedLayer | SparseDense) or (
+            is_prunable(layer) and not isinstance(layer, keras.Model)
+        ):
+            covered.update(id(sub) for sub in layer._flatten_layers(include_self=False))
         if isinstance(layer, MaskedLayer):
             masks = layer.masks
             for key, mask in masks.items():

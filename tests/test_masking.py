@@ -101,26 +101,40 @@ def test_masks_live_in_a_child_layer_and_save_as_bits(tmp_path):
     assert grown < 10_000
 
 
-def test_masked_dense_keeps_every_dense_feature():
+def test_masked_dense_keeps_every_dense_feature_and_masks_lora_too(tmp_path):
     layer = kp.MaskedDense(
         4, activation="tanh", use_bias=False, kernel_regularizer="l2", lora_rank=2
     )
-    layer.build((None, 3))
+    model = keras.Sequential([keras.Input((3,)), layer])
     assert layer.lora_enabled and layer.bias is None
     mask = np.ones((3, 4), "float32")
     mask[0] = 0
     layer.prune_to(mask)
-    # The LoRA product is added on top of the masked kernel, as in Dense.
+    # LoRA adds its product to the kernel: the mask applies to the sum, so a
+    # pruned weight stays zero in what the layer computes.
     layer.lora_kernel_b.assign(np.ones((2, 4), "float32"))
     x = np.eye(3, dtype="float32")
-    expected = np.tanh(
-        x
-        @ (
-            to_numpy(layer._kernel) * mask
-            + 0.5 * 2 * to_numpy(layer.lora_kernel_a) @ np.ones((2, 4))
-        )  # fmt: skip
+    merged = to_numpy(layer._kernel) + to_numpy(layer.lora_kernel_a) @ np.ones((2, 4))
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), np.tanh(x @ (merged * mask)), rtol=1e-5, atol=1e-6
     )
-    np.testing.assert_allclose(to_numpy(layer(x)), expected, rtol=1e-5, atol=1e-6)
+    assert np.all(to_numpy(layer(x))[0] == 0)
+    model.save(tmp_path / "lora.keras")
+    loaded = keras.models.load_model(tmp_path / "lora.keras")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_saving_writes_masked_weights_without_changing_the_live_ones(tmp_path):
+    layer = kp.MaskedDense(2, use_bias=False)
+    model = keras.Sequential([keras.Input((2,)), layer])
+    layer.kernel.assign(np.ones((2, 2), "float32"))
+    layer.mask.assign(np.array([[1, 0], [1, 1]], "float32"))  # raw not zeroed
+    model.save(tmp_path / "m.keras")
+    assert to_numpy(layer.kernel)[0, 1] == 1  # the live weight is untouched
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(to_numpy(loaded.layers[0].kernel), [[1, 0], [1, 1]])
 
 
 def test_prune_to_refuses_wrong_names_and_shapes():

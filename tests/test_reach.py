@@ -185,6 +185,7 @@ def test_subclassed_model_is_pruned_saved_and_stripped(inplace, tmp_path):
     assert_round_trip(prunable, x, tmp_path)
     stripped = kp.export_sparse(prunable, compute="dense")
     assert not kp.masked_layers(stripped)
+    assert type(stripped).__name__ == "Subclassed"
     np.testing.assert_allclose(
         stripped.predict(x, verbose=0), prunable.predict(x, verbose=0), atol=1e-6
     )
@@ -339,3 +340,94 @@ def test_a_new_process_loads_masked_stock_layers_without_registering(tmp_path):
     )
     # Embedding, 4 attention projections, 3 Dense.
     assert result.stdout.split()[-1] == str(len(kp.masked_layers(model))) == "8"
+
+
+def test_stripped_model_trains_and_subclasses_strip_to_the_stock_class():
+    class MyDense(kp.MaskedDense):
+        pass
+
+    model = kp.make_prunable(keras.Sequential([keras.Input((4,)), L.Dense(3)]))
+    extra = keras.Sequential([keras.Input((3,)), MyDense(2)])
+    stripped = kp.strip_pruning(keras.Sequential([model, extra]))
+    assert not kp.masked_layers(stripped)
+    assert type(stripped.layers[1].layers[0]) is L.Dense
+    stripped.compile("sgd", "mse")
+    stripped.fit(np.ones((4, 4)), np.ones((4, 2)), verbose=0)
+
+
+class Heads(L.Layer):
+    """Sublayers in a dict attribute."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = {"a": L.Dense(3), "b": L.Dense(3)}
+
+    def call(self, x):
+        return self.heads["a"](x) + self.heads["b"](x)
+
+
+def test_sublayers_held_in_a_dict_come_back_masked(tmp_path):
+    kp.masked_class(Heads)  # as a new process would, before loading
+    model = kp.make_prunable(keras.Sequential([keras.Input((4,)), Heads()]))
+    for layer in kp.masked_layers(model):
+        layer.prune_to(np.eye(4, 3))
+    assert len(kp.masked_layers(model)) == 2
+    assert_round_trip(model, np.random.default_rng(0).normal(size=(3, 4)), tmp_path)
+
+
+def test_summary_counts_a_recurrent_layer_once():
+    model = kp.make_prunable(
+        keras.Sequential([keras.Input((5, 3)), L.LSTM(4, name="lstm")])
+    )
+    assert [row.name for row in kp.sparsity_summary(model).rows] == [
+        "lstm/kernel",
+        "lstm/recurrent_kernel",
+    ]
+    stock = keras.Sequential([keras.Input((5, 3)), L.LSTM(4, name="plain")])
+    assert len(kp.sparsity_summary(stock).rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("fit_kwargs", "model_input"),
+    [
+        ({}, False),  # built by its first batch
+        ({"initial_epoch": 1}, True),
+        ({}, True),
+    ],
+    ids=["unbuilt", "initial-epoch", "steps-per-execution"],
+)
+def test_step_unit_reaches_the_target_at_the_last_step(
+    fit_kwargs, model_input, request
+):
+    layers = [L.Dense(8, name="fc"), L.Dense(2)]
+    model = keras.Sequential(([keras.Input((4,))] if model_input else []) + layers)
+    model = kp.make_prunable(model)
+    spe = 4 if request.node.callspec.id == "steps-per-execution" else 1
+    model.compile("adam", "mse", steps_per_execution=spe)
+    callback = kp.IterativePruningCallback(0.5, unit="step")
+    model.fit(
+        np.ones((64, 4)), np.ones((64, 2)), batch_size=8, epochs=2, verbose=0,
+        callbacks=[callback], **fit_kwargs,
+    )  # fmt: skip
+    assert model.get_layer("fc").sparsity == 0.5
+
+
+def test_a_masked_layer_never_built_is_named_and_the_rest_pruned():
+    class WithSpare(L.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.used = L.Dense(4, name="used")
+            self.spare = L.Dense(4, name="spare")
+
+        def call(self, x):
+            return self.used(x)
+
+    model = kp.make_prunable(keras.Sequential([WithSpare()]))
+    model.compile("adam", "mse")
+    with pytest.warns(UserWarning, match=r"^Masked layers \['spare'\] were not built"):
+        model.fit(
+            np.ones((16, 4)), np.ones((16, 4)), epochs=2, verbose=0,
+            callbacks=[kp.IterativePruningCallback(0.5)],
+        )  # fmt: skip
+    used = [layer for layer in kp.masked_layers(model) if layer.name == "used"]
+    assert used[0].sparsity == 0.5
