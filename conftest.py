@@ -13,13 +13,10 @@ import pytest  # noqa: E402
 # Sparse inference, the native op, the MNIST job, its notebook and the
 # benchmarks are TensorFlow code.
 TENSORFLOW_ONLY = [
-    "keras_prune/backend.py",
     "keras_prune/cli.py",
     "keras_prune/convert.py",
     "keras_prune/experiments",
-    "keras_prune/layers.py",
-    "keras_prune/native.py",
-    "keras_prune/sparse_ops.py",
+    "keras_prune/inference",
     "keras_prune/summary.py",
     "tests/test_benchmark.py",
     "tests/test_convert.py",

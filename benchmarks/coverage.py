@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import keras_prune as kp  # noqa: E402
 from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
-from keras_prune.timing import time_interleaved  # noqa: E402
+from keras_prune.experiments.timing import time_interleaved  # noqa: E402
 
 L = keras.layers
 TARGET = 0.8

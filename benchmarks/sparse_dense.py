@@ -39,9 +39,9 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")  # each candidate is traced on purpose
 
 import keras_prune as kp  # noqa: E402
-from keras_prune import native, sparse_ops  # noqa: E402
 from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
-from keras_prune.timing import time_interleaved  # noqa: E402
+from keras_prune.experiments.timing import time_interleaved  # noqa: E402
+from keras_prune.inference import native, sparse_ops  # noqa: E402
 
 SHAPES = ((3136, 1024), (784, 300), (1024, 10))
 DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0023)

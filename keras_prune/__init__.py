@@ -2,7 +2,7 @@
 
 The training side (masks, callbacks, schedules, summaries, converters) runs
 on every Keras backend with `keras.ops` only; sparse inference
-(`SparseDense`'s kernels, `keras_prune.native`) needs TensorFlow and is
+(`SparseDense`'s kernels, `keras_prune.inference.native`) needs TensorFlow and is
 imported on first use.
 
 Example:
@@ -26,7 +26,7 @@ from keras_prune.convert import (
     make_prunable,
     strip_pruning,
 )
-from keras_prune.layers import SparseDense
+from keras_prune.inference.sparse_dense import SparseDense
 from keras_prune.masking import (
     PRUNABLE_WEIGHTS,
     MaskedContainer,

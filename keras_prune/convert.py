@@ -562,8 +562,8 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         if stripped.compiled and is_graph_model(stripped):
             stripped = _uncompiled(stripped)
         return stripped
-    from keras_prune.backend import tensorflow_module
-    from keras_prune.layers import SparseDense
+    from keras_prune.inference.backend import tensorflow_module
+    from keras_prune.inference.sparse_dense import SparseDense
 
     tensorflow_module("export_sparse")
 
@@ -601,7 +601,7 @@ def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:
         if compute != "auto":
             found.append(layer)
             continue
-        from keras_prune import sparse_ops
+        from keras_prune.inference import sparse_ops
 
         mask = ops.convert_to_numpy(layer.masks["kernel"])
         if sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size):

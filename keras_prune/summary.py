@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_prune.layers import SparseDense
+from keras_prune.inference.sparse_dense import SparseDense
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctest
     MaskedDense,
     MaskedLayer,
@@ -151,7 +151,7 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         elif isinstance(layer, SparseDense):
             compute = layer.compute_path(None)
             if compute == "auto":
-                from keras_prune import sparse_ops
+                from keras_prune.inference import sparse_ops
 
                 compute = f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
             shape = (layer.input_dim, layer.units)

@@ -10,9 +10,8 @@ from keras_prune import (
     export_sparse,
     make_prunable,
     masked_layers,
-    native,
-    sparse_ops,
 )
+from keras_prune.inference import native, sparse_ops
 
 
 def convnet():

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_prune import MaskedDense, SparseDense, native
+from keras_prune import MaskedDense, SparseDense
+from keras_prune.inference import native
 from tests.layer_contract import run_layer_contract
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_prune import native, sparse_ops
+from keras_prune.inference import native, sparse_ops
 
 needs_kernel = pytest.mark.skipif(
     not native.available(), reason="the native kernel could not be built here"
@@ -191,7 +191,7 @@ def test_saved_model_with_the_native_kernel_serves_in_a_fresh_process(tmp_path):
     stdout, _ = run_python(
         f"""
         import tensorflow as tf
-        from keras_prune import native
+        from keras_prune.inference import native
         native.load()  # registers the kernel's op before the graph is read
         served = tf.saved_model.load({str(tmp_path / "served")!r})
         print(served.serve(tf.constant([[1.0, 2.0, 3.0]])).numpy().tolist())

@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_prune import MaskedDense, SparseDense, native, sparsity_summary
+from keras_prune import MaskedDense, SparseDense, sparsity_summary
+from keras_prune.inference import native
 
 
 def test_summary_counts_each_kind_of_dense_layer_by_hand():

@@ -26,7 +26,7 @@ import numpy as np
 
 import keras_prune as kp
 from keras_prune.experiments.data import load_mnist, preprocess
-from keras_prune.timing import time_interleaved
+from keras_prune.experiments.timing import time_interleaved
 
 # The seed report's table: fraction of Dense weights kept -> test accuracy.
 SEED_TABLE = (

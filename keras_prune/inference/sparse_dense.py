@@ -2,7 +2,8 @@
 
 The layer class is importable on any backend (so that `.keras` files that
 hold it can be read), but computing with it needs TensorFlow: its kernels
-(`keras_prune.sparse_ops`, `keras_prune.native`) are imported on first use.
+(`keras_prune.inference.sparse_ops`, `keras_prune.inference.native`) are
+imported on first use.
 """
 
 from __future__ import annotations
@@ -13,18 +14,19 @@ import keras
 import numpy as np
 from keras import activations, ops
 
-from keras_prune.backend import tensorflow_module
+from keras_prune.inference.backend import tensorflow_module
 
-# The kernels a `SparseDense` can run (see `keras_prune.sparse_ops`).
+# The kernels a `SparseDense` can run (see `keras_prune.inference.sparse_ops`).
 PATHS = ("native", "coo", "csr")
 # Dtypes the native kernel takes (it computes in float32).
 NATIVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _sparse_ops() -> Any:
-    """`keras_prune.sparse_ops`, imported on first use (it needs TensorFlow)."""
+    """`keras_prune.inference.sparse_ops`, imported on first use (it needs
+    TensorFlow)."""
     tensorflow_module("SparseDense")
-    from keras_prune import sparse_ops
+    from keras_prune.inference import sparse_ops
 
     return sparse_ops
 
@@ -60,7 +62,7 @@ class SparseDense(keras.layers.Layer):
     kernel with `from_kernel`.
 
     Three kernels are available: `"native"`, keras_prune's own multi-threaded
-    kernel (compiled on first use, see `keras_prune.native`; the fastest at
+    kernel (compiled on first use, see `keras_prune.inference.native`; the fastest at
     every batch size), and TensorFlow's `"coo"` (`sparse_dense_matmul`,
     best for small batches) and `"csr"` (`SparseMatrixMatMul`, best for
     larger ones). With `compute="auto"` the layer uses `"native"` when it is

@@ -8,7 +8,7 @@ over the units: int32 `row_splits` and uint16 (or int32) `columns`, 6 bytes a
 nonzero with the float32 value instead of the 20 of int64 COO.
 
 Three kernels compute `x @ W`:
-- `"native"`: keras_prune's own kernel (see `keras_prune.native`), compiled
+- `"native"`: keras_prune's own kernel (see `keras_prune.inference.native`), compiled
   on first use; the fastest at every batch size, used whenever it loads.
 - `"coo"`: `tf.sparse.sparse_dense_matmul`; lowest overhead, single-threaded,
   TensorFlow's fastest for small batches.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_prune import native
+from keras_prune.inference import native
 
 PATHS = ("native", "coo", "csr")
 # The native kernel computes in float32; half-precision layers (mixed
