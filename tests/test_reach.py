@@ -403,6 +403,8 @@ def test_step_unit_reaches_the_target_at_the_last_step(
     model = keras.Sequential(([keras.Input((4,))] if model_input else []) + layers)
     model = kp.make_prunable(model)
     spe = 4 if request.node.callspec.id == "steps-per-execution" else 1
+    if spe > 1 and keras.backend.backend() == "torch":
+        pytest.skip("Keras's PyTorch trainer runs one step per execution")
     model.compile("adam", "mse", steps_per_execution=spe)
     callback = kp.IterativePruningCallback(0.5, unit="step")
     model.fit(
