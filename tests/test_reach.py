@@ -433,3 +433,16 @@ def test_a_masked_layer_never_built_is_named_and_the_rest_pruned():
         )  # fmt: skip
     used = [layer for layer in kp.masked_layers(model) if layer.name == "used"]
     assert used[0].sparsity == 0.5
+
+
+def test_import_needs_no_tensorflow_off_the_tensorflow_backend():
+    import subprocess
+    import sys
+
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("checked in the JAX and PyTorch runs, whose venvs lack TensorFlow")
+    code = "import sys, keras_prune; print('tensorflow' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split()[-1] == "False"
