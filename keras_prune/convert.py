@@ -145,7 +145,16 @@ class ConversionEntry:
 class ConversionReport:
     """What `make_prunable` converted and what it left, and why.
 
-    `str(report)` is a table; `report.entries` holds the rows.
+    `str(report)` is a table; `report.entries` holds the rows. Made by
+    `conversion_report(model)`.
+
+    Example:
+
+    >>> model = make_prunable(keras.Sequential([keras.Input((4,)),
+    ...     keras.layers.Dense(3, name="fc")]))
+    >>> print(conversion_report(model))
+    layer  type         status          weights  masked  reason
+    fc     MaskedDense  already masked       15      12
     """
 
     entries: tuple[ConversionEntry, ...]

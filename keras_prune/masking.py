@@ -192,6 +192,14 @@ def zero_optimizer_state(optimizer: Any, variable: Any, mask: np.ndarray) -> int
 
     Returns:
         How many slot variables were changed.
+
+    Example:
+
+    >>> weight = keras.Variable(np.ones((2, 2)))
+    >>> optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    >>> optimizer.apply([keras.ops.ones((2, 2))], [weight])
+    >>> zero_optimizer_state(optimizer, weight, np.eye(2))  # the momentum
+    1
     """
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:
@@ -332,8 +340,36 @@ class _MaskConstraint:
 class MaskedLayer:
     """Mixin that masks the prunable weights of a stock Keras layer.
 
-    Never used alone: `masked_class(cls)` puts it in front of a layer class.
-    See the module docstring for what it does.
+    Never used alone: `masked_class(cls)` puts it in front of a layer class
+    (`make_prunable` does it for every prunable layer of a model). A masked
+    layer computes what the stock layer computes with `weight * mask` in
+    place of each prunable weight: same input and output shapes, same
+    config, same `.keras` entry plus the masks as bits. Masks are made when
+    the layer is built, full (ones).
+
+    Attributes:
+        masks: `{weight name: 0/1 variable}`, one per prunable weight, the
+            weight's shape.
+        prunable_weights: `{weight name: raw variable}`.
+        sparsity: Fraction of the prunable weights pruned, in [0, 1].
+
+    Raises:
+        ValueError: From `masks`, `prunable_weights`, `sparsity` and
+            `prune_to` before the layer is built.
+
+    Example:
+
+    >>> lstm = masked_class(keras.layers.LSTM)(2)
+    >>> _ = lstm(np.ones((1, 5, 3)))
+    >>> {name: tuple(mask.shape) for name, mask in lstm.masks.items()}
+    {'kernel': (3, 8), 'recurrent_kernel': (2, 8)}
+    >>> lstm.prune_to({"kernel": np.zeros((3, 8))})
+    >>> round(lstm.sparsity, 3)  # 24 of 40 weights
+    0.6
+
+    Reference:
+        Han et al. 2015, "Learning both Weights and Connections for Efficient
+        Neural Networks", arXiv:1506.02626.
     """
 
     _masks_layer: PruningMasks | None = None
@@ -703,6 +739,17 @@ class MaskedContainer:
     Its config gains `"masked_sublayers"`, the paths to its masked
     sublayers; `from_config` and `build` mask them again, so a `.keras` file
     loads with every mask. Made by `masked_class`; never used alone.
+
+    Example:
+
+    >>> attention = keras.layers.MultiHeadAttention(2, 4)
+    >>> _ = attention(np.ones((1, 3, 8)), np.ones((1, 3, 8)))
+    >>> for sublayer in attention._flatten_layers(include_self=False):
+    ...     if is_prunable(sublayer):
+    ...         mask_in_place(sublayer)
+    >>> mask_in_place(attention)
+    >>> type(attention).__name__, len(attention.get_config()["masked_sublayers"])
+    ('MaskedMultiHeadAttention', 4)
     """
 
     def get_config(self) -> dict[str, Any]:
