@@ -14,6 +14,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedDense,
     MaskedLayer,
     iter_masked_weights,
+    layer_labels,
     masked_layers,
 )
 from keras_prune.masks import (
@@ -247,7 +248,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
             }
         if final_sparsity is None:
             raise ValueError(
-                "Expected `final_sparsity` in [0, 1). Received: final_sparsity=None"
+                "`final_sparsity` is required with a named schedule: expected "
+                "`final_sparsity` in [0, 1). Received: final_sparsity=None"
             )
         return validate_sparsity(final_sparsity, "final_sparsity")
 
@@ -316,7 +318,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             wanted = self._per_layer(self.schedule)
         if self.scope == "global":
             return wanted
-        names = [layer.name for layer in self.layers]
+        names = [label for label, _ in self._labelled()]
         if None in wanted:
             return dict.fromkeys(names, wanted[None])
         unknown = sorted(set(wanted) - set(names))
@@ -326,6 +328,12 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 f"masked layers of the model ({names}). Received: {unknown}"
             )
         return wanted
+
+    def _labelled(self) -> list[tuple[str, Any]]:
+        """`(label, layer)` per built masked layer: its name, or its path in
+        the model where names repeat (see `layer_labels`)."""
+        layers = self.layers
+        return list(zip(layer_labels(layers), layers, strict=True))
 
     @property
     def layers(self) -> list[Any]:
@@ -369,16 +377,16 @@ class IterativePruningCallback(keras.callbacks.Callback):
             self._cut_global(target)
             return
         due = []
-        for layer in self.layers:
-            schedule = self.layer_schedules.get(layer.name)
+        for label, layer in self._labelled():
+            schedule = self.layer_schedules.get(label)
             if schedule is not None:
                 target = schedule(position)
-                if target > self._applied.get(layer.name, -1.0):
-                    due.append((layer, target))
+                if target > self._applied.get(label, -1.0):
+                    due.append((label, layer, target))
         if due:
             self._sync_backend_state()
-        for layer, target in due:
-            self._applied[layer.name] = target
+        for label, layer, target in due:
+            self._applied[label] = target
             changed = self._layer_masks(layer, target)
             if changed:
                 self._apply(layer, changed)
@@ -402,9 +410,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
             for layer, key, variable, mask in iter_masked_weights(self.model)
         ]
 
+        labels = {id(layer): label for label, layer in self._labelled()}
+
         def bound(value: Any, layer: Any) -> float | None:
             if isinstance(value, dict):
-                return value.get(layer.name)
+                return value.get(labels.get(id(layer)))
             return value
 
         mins = [bound(self.min_kept, layer) for layer, *_ in entries]
@@ -419,7 +429,16 @@ class IterativePruningCallback(keras.callbacks.Callback):
         )
         by_layer: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
         for (layer, key, _, _), before, after in zip(entries, old, new, strict=True):
-            if np.count_nonzero(after) < np.count_nonzero(before):
+            left = int(np.count_nonzero(after))
+            if left == 1 < after.size and (layer.name, key) not in self._warned_full:
+                self._warned_full.add((layer.name, key))
+                warnings.warn(
+                    f'scope="global" left {layer.name!r} ({key}) with 1 of its '
+                    f"{after.size} weights: its weights are the smallest. Give it "
+                    "a floor with `min_kept`.",
+                    stacklevel=3,
+                )
+            if left < np.count_nonzero(before):
                 by_layer.setdefault(id(layer), (layer, {}))[1][key] = after
         for layer, changed in by_layer.values():
             self._apply(layer, changed)
@@ -544,8 +563,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._zero_pruned()
         if logs is None:
             return
-        for layer in self.layers:
-            logs[f"sparsity/{layer.name}"] = layer.sparsity
+        for label, layer in self._labelled():
+            logs[f"sparsity/{label}"] = layer.sparsity
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # Runs after `fit` copied an optimizer's EMA weights back.

@@ -29,6 +29,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     carries_sublayer_configs,
     is_graph_model,
     is_prunable,
+    layer_labels,
     mask_in_place,
     masked_paths,
     unmask_in_place,
@@ -229,6 +230,12 @@ def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
         layers = [layers]
     if isinstance(layers, Iterable):
         names = set(layers)
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(
+                "Expected `layers` to be None, a list of layer names or a callable "
+                f"`layer -> bool`. Received: layers={layers!r} (pass layer names, "
+                "not layer objects: the conversion works on a copy)"
+            )
         return lambda layer: layer.name in names
     raise TypeError(
         "Expected `layers` to be None, a list of layer names or a callable "
@@ -243,6 +250,8 @@ def _convert(
     with `apply=False`, only reports)."""
     entries: list[ConversionEntry] = []
     seen: set[int] = set()
+    every = model._flatten_layers(include_self=False)
+    labels = dict(zip(map(id, every), layer_labels(every), strict=True))
 
     def entry(layer: Any, kind: str, status: str, reason: str = "") -> None:
         masked = 0
@@ -251,9 +260,8 @@ def _convert(
         weights = _own_trainable_count(layer)
         if isinstance(layer, MaskedLayer) or is_prunable(layer):
             weights = _all_trainable_count(layer)
-        entries.append(
-            ConversionEntry(layer.name, kind, status, reason, weights, masked)
-        )
+        label = labels.get(id(layer), layer.name)
+        entries.append(ConversionEntry(label, kind, status, reason, weights, masked))
 
     def visit(parent: Any) -> None:
         for layer in parent._flatten_layers(include_self=False, recursive=False):
@@ -355,6 +363,8 @@ def make_prunable(
     'MaskedDense'
     """
     _check_model(model, "make_prunable")
+    if isinstance(layers, Iterable) and not isinstance(layers, str):
+        layers = list(layers)
     selected = _layer_selector(layers)
     if layers is not None and not callable(layers):
         _check_names(model, [layers] if isinstance(layers, str) else list(layers))
@@ -543,6 +553,10 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
                 "Expected every masked layer to be built before export. "
                 f"Received: layer {layer.name!r}, not built"
             )
+    if compute != "dense":
+        from keras_prune.inference.backend import tensorflow_module
+
+        tensorflow_module(f"export_sparse(compute={compute!r})")
     candidates = _sparse_candidates(model, compute)
     if candidates and not is_graph_model(model):
         raise ValueError(
@@ -571,10 +585,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         if stripped.compiled and is_graph_model(stripped):
             stripped = _uncompiled(stripped)
         return stripped
-    from keras_prune.inference.backend import tensorflow_module
     from keras_prune.inference.sparse_dense import SparseDense
-
-    tensorflow_module("export_sparse")
 
     def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
         if id(layer) not in sparse:

@@ -166,10 +166,13 @@ def _locate(layer: Any, variable: Any) -> tuple[Any, str]:
     )
 
 
-def _mask_keys(weights: list[Any]) -> list[str]:
+def _mask_keys(located: list[tuple[Any, str]]) -> list[str]:
+    """A name per prunable weight that a rebuilt layer gives again: the
+    attribute that holds it (`_kernel` -> `"kernel"`), not the variable's
+    name, which Keras numbers for unnamed weights."""
     keys: list[str] = []
-    for variable in weights:
-        key = variable.name
+    for _, attr in located:
+        key = attr.lstrip("_") or attr
         while key in keys:
             key = f"{key}_"
         keys.append(key)
@@ -384,9 +387,11 @@ class MaskedLayer:
         if self._masks_layer is not None:
             return
         weights = find_prunable_weights(self)
-        keys = _mask_keys(weights)
+        located = [_locate(self, w) for w in weights]
+        keys = _mask_keys(located)
         slots = [
-            (key, *_locate(self, w), w) for key, w in zip(keys, weights, strict=True)
+            (key, owner, attr, w)
+            for key, (owner, attr), w in zip(keys, located, weights, strict=True)
         ]
         object.__setattr__(self, "_mask_slots", _Hidden(slots))
         object.__setattr__(self, "_mask_reads", _Hidden({}))
@@ -521,6 +526,11 @@ class MaskedLayer:
                 raise ValueError(
                     f"Expected `masks[{key!r}]` of shape "
                     f"{tuple(current[key].shape)}. Received: shape {value.shape}"
+                )
+            if not np.isin(value, (0, 1)).all():
+                raise ValueError(
+                    f"Expected `masks[{key!r}]` to hold only 0 and 1. Received "
+                    f"values such as {value[~np.isin(value, (0, 1))].ravel()[:3]}"
                 )
             current[key].assign((value != 0).astype(current[key].dtype))
             if optimizer is not None:
@@ -805,6 +815,25 @@ def masked_layers(model: Any) -> list[Any]:
     ['fc']
     """
     return [layer for layer in _own_layers(model) if isinstance(layer, MaskedLayer)]
+
+
+def layer_labels(layers: list[Any]) -> list[str]:
+    """A label per layer for logs, summaries and per-layer arguments: its
+    name, or its path in the model (`"attention_1/query"`) where several
+    layers share the name (the projections of two attention layers).
+
+    Example:
+
+    >>> layer_labels([keras.layers.Dense(1, name="a"), keras.layers.Dense(1, name="b")])
+    ['a', 'b']
+    """
+    names = [layer.name for layer in layers]
+    return [
+        layer.name
+        if names.count(layer.name) == 1
+        else (getattr(layer, "path", None) or layer.name)
+        for layer in layers
+    ]
 
 
 def iter_masked_weights(model: Any) -> Iterator[tuple[Any, str, Any, Any]]:

@@ -34,7 +34,7 @@ def validate_sparsity(value: float, name: str = "sparsity") -> float:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if isinstance(value, bool) or not (0.0 <= number < 1.0):
+    if isinstance(value, bool | str) or not (0.0 <= number < 1.0):
         raise ValueError(f"Expected `{name}` in [0, 1). Received: {name}={value!r}")
     return number
 

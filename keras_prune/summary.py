@@ -14,6 +14,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctest
     MaskedLayer,
     find_prunable_weights,
     is_prunable,
+    layer_labels,
 )
 
 
@@ -134,8 +135,11 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         )
     rows = []
     covered: set[int] = set()  # sublayers of a layer already counted
-    for layer in model._flatten_layers(include_self=False):
+    every = model._flatten_layers(include_self=False)
+    labels = dict(zip(map(id, every), layer_labels(every), strict=True))
+    for layer in every:
         kind = type(layer).__name__
+        label = labels[id(layer)]
         if not layer.built or id(layer) in covered:
             continue
         if isinstance(layer, MaskedLayer | SparseDense) or (
@@ -145,7 +149,7 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         if isinstance(layer, MaskedLayer):
             masks = layer.masks
             for key, mask in masks.items():
-                name = layer.name if len(masks) == 1 else f"{layer.name}/{key}"
+                name = label if len(masks) == 1 else f"{label}/{key}"
                 nonzeros = int(np.count_nonzero(ops.convert_to_numpy(mask)))
                 rows.append(_row(name, kind, tuple(mask.shape), nonzeros, "dense"))
         elif isinstance(layer, SparseDense):
@@ -155,7 +159,7 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
 
                 compute = f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
             shape = (layer.input_dim, layer.units)
-            rows.append(_row(layer.name, kind, shape, layer.nnz, compute))
+            rows.append(_row(label, kind, shape, layer.nnz, compute))
         elif is_prunable(layer) and not isinstance(layer, keras.Model):
             weights = find_prunable_weights(layer)
             for variable in weights:

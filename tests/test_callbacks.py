@@ -215,7 +215,8 @@ def test_end_epoch_past_the_fit_warns():
         (
             {},
             ValueError,
-            r"Expected `final_sparsity` in \[0, 1\)\. Received: final_sparsity=None",
+            r"`final_sparsity` is required with a named schedule: expected "
+            r"`final_sparsity` in \[0, 1\)\. Received: final_sparsity=None",
         ),
         (
             {"final_sparsity": 0.5, "schedule": "cubic"},
@@ -420,7 +421,12 @@ def test_global_scope_ranks_all_layers_together():
     callback.set_model(model)
     callback.set_params({"epochs": 1})
     callback.on_train_begin()
-    callback.on_epoch_begin(0)
+    with pytest.warns(
+        UserWarning,
+        match=r"^scope=\"global\" left 'small' \(kernel\) with 1 of its 10 weights: "
+        r"its weights are the smallest\. Give it a floor with `min_kept`\.$",
+    ):
+        callback.on_epoch_begin(0)
     # 30 weights, 15 pruned, smallest first: "small" gives up 9 (0.5..4.5;
     # its largest, 5, stays: no layer is emptied) and "big" 6 (1..6).
     big = ops.convert_to_numpy(model.get_layer("big").mask)
@@ -466,12 +472,17 @@ def test_global_scope_honours_per_layer_kept_bounds():
             r"Received: scope='all'$",
         ),
         (
+            {"final_sparsity": "0.5"},
+            r"^Expected `final_sparsity` in \[0, 1\)\. "
+            r"Received: final_sparsity='0\.5'$",
+        ),
+        (
             {"final_sparsity": 0.5, "unit": "batch"},
             r"^Expected `unit` to be one of \['epoch', 'step'\]\. "
             r"Received: unit='batch'$",
         ),
     ],
-    ids=["global-dict", "bounds-per-layer", "bound-range", "scope", "unit"],
+    ids=["global-dict", "bounds-per-layer", "bound-range", "scope", "string", "unit"],
 )
 def test_scope_and_unit_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -159,6 +159,12 @@ def test_prune_to_refuses_wrong_names_and_shapes():
         r"\(8, 4\)$",
     ):
         layer.prune_to({"kernel": np.ones((8, 4))})
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `masks\['kernel'\]` to hold only 0 and 1\. Received values "
+        r"such as \[0\.5 0\.5 0\.5\]$",
+    ):
+        layer.prune_to({"kernel": np.full((4, 8), 0.5)})
 
 
 def test_unbuilt_masked_layer_says_so():
@@ -171,6 +177,7 @@ def test_custom_layer_opts_in_with_get_prunable_weights(tmp_path):
     @keras.saving.register_keras_serializable(package="tests")
     class Scale(L.Layer):
         def build(self, input_shape):
+            # Unnamed: Keras numbers it, differently in each new instance.
             self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
 
         def call(self, x):
@@ -189,10 +196,12 @@ def test_custom_layer_opts_in_with_get_prunable_weights(tmp_path):
         masked.predict(np.ones((1, 4)), verbose=0), [[1, 0, 1, 0]]
     )
     masked.save(tmp_path / "scale.keras")
+    keras.layers.Dense(1).build((None, 1))  # shift Keras's automatic numbering
     loaded = keras.models.load_model(tmp_path / "scale.keras")
     np.testing.assert_array_equal(
         loaded.predict(np.ones((1, 4)), verbose=0), [[1, 0, 1, 0]]
     )
+    np.testing.assert_array_equal(to_numpy(loaded.layers[0].masks["w"]), [1, 0, 1, 0])
 
 
 def test_masked_class_of_a_layer_without_weights_rule_is_a_container():

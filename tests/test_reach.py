@@ -192,6 +192,8 @@ def test_subclassed_model_is_pruned_saved_and_stripped(inplace, tmp_path):
 
 
 def test_export_sparse_explains_what_a_subclassed_model_needs():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("off TensorFlow, export_sparse first names the backend")
     model = kp.make_prunable(Subclassed())
     model.predict(tokens(), verbose=0)
     with pytest.raises(
@@ -446,3 +448,34 @@ def test_import_needs_no_tensorflow_off_the_tensorflow_backend():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.split()[-1] == "False"
+
+
+def test_layers_sharing_a_name_are_told_apart_by_their_paths():
+    inputs = keras.Input((4, 8))
+    x = L.MultiHeadAttention(2, 4, name="first")(inputs, inputs)
+    x = L.MultiHeadAttention(2, 4, name="second")(x, x)
+    model = kp.make_prunable(keras.Model(inputs, x))
+    history = fit_pruned(model, np.ones((8, 4, 8)), np.zeros((8, 4, 8)))
+    keys = sorted(k for k in history.history if k.startswith("sparsity/"))
+    assert len(keys) == 8 and "sparsity/first/query" in keys
+    rows = [row.name for row in kp.sparsity_summary(model).rows]
+    assert len(set(rows)) == 8 and "second/value" in rows
+
+
+def test_make_prunable_wants_layer_names_not_layer_objects():
+    model = keras.Sequential([keras.Input((2,)), L.Dense(1, name="fc")])
+    with pytest.raises(TypeError, match=r"pass layer names, not layer objects"):
+        kp.make_prunable(model, layers=[model.layers[0]])
+
+
+def test_export_sparse_names_the_backend_off_tensorflow():
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("the TensorFlow backend runs export_sparse")
+    model = kp.make_prunable(keras.Sequential([keras.Input((2,)), L.Dense(1)]))
+    with pytest.raises(
+        RuntimeError,
+        match=r"^export_sparse\(compute='auto'\) needs the TensorFlow backend of "
+        r"Keras",
+    ):
+        kp.export_sparse(model)
+    assert type(kp.export_sparse(model, compute="dense").layers[0]) is L.Dense
