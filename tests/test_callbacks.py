@@ -549,3 +549,38 @@ def test_callback_config_is_json():
     )
     config = json.loads(json.dumps(callback.get_config()))
     assert IterativePruningCallback(**config).get_config() == callback.get_config()
+
+
+def test_an_interrupted_fit_resumes_from_its_backup_with_its_masks(tmp_path):
+    x, y = data()
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    def run(model, extra):
+        return model.fit(
+            x, y, epochs=4, verbose=0,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                IterativePruningCallback(0.9, schedule="geometric", end_epoch=3),
+                *extra,
+            ],
+        )  # fmt: skip
+
+    model = small_model()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(model, [Interrupt()])
+    cut = ops.convert_to_numpy(model.get_layer("fc1").mask).copy()
+    assert model.get_layer("fc1").sparsity == pytest.approx(1 - 0.49, abs=0.01)
+
+    resumed = small_model()  # a new process would rebuild the model
+    history = run(resumed, [])
+    # The backup restored epoch 1's masks; epochs 2 and 3 cut on from there
+    # (kept 0.343, then the schedule's end at final_sparsity).
+    assert history.history["sparsity/fc1"] == pytest.approx([0.657, 0.9], abs=0.01)
+    final = ops.convert_to_numpy(resumed.get_layer("fc1").mask)
+    assert np.all(final <= cut)
+    kernel = ops.convert_to_numpy(resumed.get_layer("fc1").kernel)
+    np.testing.assert_array_equal(kernel[final == 0], 0)
