@@ -34,6 +34,20 @@ SCOPES = ("layer", "global")
 UNITS = ("epoch", "step")
 
 
+def _magnitude_cut(layer: Any, sparsity: float) -> dict[str, np.ndarray]:
+    """The new masks of `layer`'s prunable weights at `sparsity`, by
+    magnitude, for those that lose weights (`magnitude_mask`)."""
+    changed = {}
+    masks = layer.masks
+    for key, variable in layer.prunable_weights.items():
+        mask = ops.convert_to_numpy(masks[key])
+        if pruned_count(sparsity, mask.size) > mask.size - np.count_nonzero(mask):
+            changed[key] = magnitude_mask(
+                ops.convert_to_numpy(variable), mask, sparsity
+            )
+    return changed
+
+
 class IterativePruningCallback(keras.callbacks.Callback):
     """Raises the magnitude threshold of every masked layer during `fit`.
 
@@ -387,29 +401,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
             self._sync_backend_state()
         for label, layer, target in due:
             self._applied[label] = target
-            changed = self._layer_masks(layer, target)
+            for key, mask in layer.masks.items():
+                self._warn_if_full(layer, key, target, math.prod(mask.shape))
+            changed = _magnitude_cut(layer, target)
             if changed:
                 self._apply(layer, changed)
 
-    def _layer_masks(self, layer: Any, sparsity: float) -> dict[str, np.ndarray]:
-        changed = {}
-        masks = layer.masks
-        for key, variable in layer.prunable_weights.items():
-            mask = ops.convert_to_numpy(masks[key])
-            self._warn_if_full(layer, key, sparsity, mask.size)
-            if pruned_count(sparsity, mask.size) <= mask.size - np.count_nonzero(mask):
-                continue
-            changed[key] = magnitude_mask(
-                ops.convert_to_numpy(variable), mask, sparsity
-            )
-        return changed
-
     def _cut_global(self, sparsity: float) -> None:
-        entries = [
-            (layer, key, variable, mask)
-            for layer, key, variable, mask in iter_masked_weights(self.model)
-        ]
-
+        entries = list(iter_masked_weights(self.model))
         labels = {id(layer): label for label, layer in self._labelled()}
 
         def bound(value: Any, layer: Any) -> float | None:
@@ -456,13 +455,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         >>> layer.sparsity
         0.5
         """
-        changed = {}
-        masks = layer.masks
-        for key, variable in layer.prunable_weights.items():
-            mask = ops.convert_to_numpy(masks[key])
-            new = magnitude_mask(ops.convert_to_numpy(variable), mask, sparsity)
-            if np.count_nonzero(new) < np.count_nonzero(mask):
-                changed[key] = new
+        changed = _magnitude_cut(layer, sparsity)
         if changed:
             layer.prune_to(changed)
 

@@ -62,9 +62,7 @@ def _live_objects(model: keras.Model) -> dict[str, Any]:
     found: dict[str, Any] = {}
 
     def add(value: Any) -> None:
-        if inspect.isfunction(value):
-            found.setdefault(value.__name__, value)
-        elif isinstance(value, type):
+        if inspect.isfunction(value) or isinstance(value, type):
             found.setdefault(value.__name__, value)
         elif isinstance(value, dict):
             for item in value.values():
@@ -271,7 +269,7 @@ def _convert(
             kind = type(layer).__name__
             if isinstance(layer, MaskedLayer):
                 entry(layer, kind, "already masked")
-            elif is_prunable(layer) and not isinstance(layer, keras.Model):
+            elif is_prunable(layer):
                 reason = _why_not(layer)
                 if not apply:
                     reason = reason or "not masked"
@@ -394,7 +392,7 @@ def _check_names(model: keras.Model, names: list[str]) -> None:
         layer = by_name.get(name)
         if layer is None:
             reason = "is not in the model"
-        elif isinstance(layer, keras.Model) or not is_prunable(layer):
+        elif not is_prunable(layer):
             reason = f"is a {type(layer).__name__}, which has no pruning rule"
         else:
             reason = _why_not(layer)

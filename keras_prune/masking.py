@@ -86,19 +86,17 @@ def is_prunable(layer: Any) -> bool:
 
     True for the stock classes in `PRUNABLE_WEIGHTS` (and their subclasses)
     and for any layer with a `get_prunable_weights()` method (the protocol
-    for custom layers).
+    for custom layers); never for a model, whose layers are pruned instead.
 
     Example:
 
     >>> is_prunable(keras.layers.Conv2D(4, 3)), is_prunable(keras.layers.ReLU())
     (True, False)
     """
-    base = _base_class(type(layer))
+    if isinstance(layer, keras.Model):
+        return False
+    base = stock_class(type(layer))
     return hasattr(base, "get_prunable_weights") or _registered_names(base) is not None
-
-
-def _base_class(cls: type) -> type:
-    return stock_class(cls)
 
 
 def stock_class(cls: type) -> type:
@@ -230,6 +228,25 @@ def zero_optimizer_state(optimizer: Any, variable: Any, mask: np.ndarray) -> int
     return changed
 
 
+def _unpack_mask(bits: Any, mask: Any) -> None:
+    """Assigns to `mask` the 0/1 values packed in `bits` (`np.packbits`)."""
+    size = math.prod(mask.shape)
+    values = np.unpackbits(np.asarray(bits), count=size)
+    mask.assign(values.reshape(mask.shape).astype(mask.dtype))
+
+
+@contextlib.contextmanager
+def _unlocked(layer: Any) -> Iterator[None]:
+    """Lets a built layer take new state (as Keras's `enable_lora` does)."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            layer._tracker.lock()
+
+
 class _Hidden:
     """Holds internal references out of sight of Keras's saving walk, which
     descends into a layer's lists, tuples and dicts (a layer that listed
@@ -280,10 +297,21 @@ class PruningMasks(keras.layers.Layer):
                 f"Received: {sorted(store.keys())}"
             )
         for key, mask in self.masks.items():
-            size = math.prod(mask.shape)
-            bits = np.unpackbits(np.asarray(store[key]), count=size)
-            mask.assign(bits.reshape(mask.shape).astype(mask.dtype))
+            _unpack_mask(store[key], mask)
         self.zero_pruned()
+
+    def strays(self) -> list[tuple[Any, np.ndarray, np.ndarray, int]]:
+        """`(variable, raw value, value * mask, nonzero pruned entries)` for
+        each target with nonzero entries where its mask is zero."""
+        found = []
+        for key, variable in self._targets.value.items():
+            keep = ops.convert_to_numpy(self.masks[key]) != 0
+            value = ops.convert_to_numpy(variable)
+            count = int(np.count_nonzero(value[~keep]))
+            if count:
+                masked = np.where(keep, value, 0).astype(value.dtype)
+                found.append((variable, value, masked, count))
+        return found
 
     def zero_pruned(self) -> int:
         """Sets every masked-out entry of the targets to exactly zero.
@@ -291,15 +319,10 @@ class PruningMasks(keras.layers.Layer):
         Returns:
             How many nonzero pruned entries were found (and zeroed).
         """
-        revived = 0
-        for key, variable in self._targets.value.items():
-            mask = ops.convert_to_numpy(self.masks[key]) != 0
-            value = ops.convert_to_numpy(variable)
-            stray = int(np.count_nonzero(value[~mask]))
-            if stray:
-                revived += stray
-                variable.assign(np.where(mask, value, 0).astype(value.dtype))
-        return revived
+        found = self.strays()
+        for variable, _, masked, _ in found:
+            variable.assign(masked)
+        return sum(count for *_, count in found)
 
 
 def _masked_call(call: Any) -> Any:
@@ -397,17 +420,14 @@ class MaskedLayer:
         object.__setattr__(self, "_mask_reads", _Hidden({}))
         for key, _, _, variable in slots:
             variable.constraint = _MaskConstraint(self, key, variable.constraint)
-        locked = self._tracker.locked
-        self._tracker.unlock()
         masks = PruningMasks(
             dict(zip(keys, weights, strict=True)),
             name="pruning_masks",
             dtype=self.dtype_policy,
         )
-        self.pruning_masks = masks
+        with _unlocked(self):
+            self.pruning_masks = masks
         object.__setattr__(self, "_masks_layer", masks)
-        if locked:
-            self._tracker.lock()
 
     # --- forward ------------------------------------------------------
     @contextlib.contextmanager
@@ -441,22 +461,14 @@ class MaskedLayer:
     # --- saving -------------------------------------------------------
     def save_own_variables(self, store: Any) -> None:
         # Write `weight * mask`, without changing the live weights.
-        if self._masks_layer is None:
-            super().save_own_variables(store)
-            return
-        masks = self._masks_layer.masks
-        originals = []
-        for key, _, _, variable in self._mask_slots.value:
-            value = ops.convert_to_numpy(variable)
-            keep = ops.convert_to_numpy(masks[key]) != 0
-            if np.count_nonzero(value[~keep]):
-                originals.append((variable, value))
-                variable.assign(np.where(keep, value, 0).astype(value.dtype))
+        strays = [] if self._masks_layer is None else self._masks_layer.strays()
+        for variable, _, masked, _ in strays:
+            variable.assign(masked)
         try:
             super().save_own_variables(store)
         finally:
-            for variable, value in originals:
-                variable.assign(value)
+            for variable, raw, _, _ in strays:
+                variable.assign(raw)
 
     # --- public API ---------------------------------------------------
     @property
@@ -632,16 +644,13 @@ def unmask_in_place(layer: Any) -> None:
         for _, _, _, variable in layer._mask_slots.value:
             if isinstance(variable.constraint, _MaskConstraint):
                 variable.constraint = variable.constraint.inner
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        if masks in layer._layers:
-            layer._layers.remove(masks)
-        delattr(layer, "pruning_masks")
+        with _unlocked(layer):
+            if masks in layer._layers:
+                layer._layers.remove(masks)
+            delattr(layer, "pruning_masks")
         for name in ("_masks_layer", "_mask_slots", "_mask_reads"):
             if name in vars(layer):
                 object.__delattr__(layer, name)
-        if locked:
-            layer._tracker.lock()
     if isinstance(layer, MaskedLayer | MaskedContainer):
         layer.__class__ = stock_class(type(layer))
 
@@ -896,9 +905,7 @@ class MaskedDense(MaskedLayer, keras.layers.Dense):
         self._kernel.assign(store["kernel"])
         if self.bias is not None:
             self.bias.assign(store["bias"])
-        size = math.prod(self.mask.shape)
-        bits = np.unpackbits(np.asarray(store["mask_bits"]), count=size)
-        self.mask.assign(bits.reshape(self.mask.shape).astype(self.mask.dtype))
+        _unpack_mask(store["mask_bits"], self.mask)
         self._masks_layer.zero_pruned()
 
 

@@ -142,9 +142,7 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
         label = labels[id(layer)]
         if not layer.built or id(layer) in covered:
             continue
-        if isinstance(layer, MaskedLayer | SparseDense) or (
-            is_prunable(layer) and not isinstance(layer, keras.Model)
-        ):
+        if isinstance(layer, MaskedLayer | SparseDense) or is_prunable(layer):
             covered.update(id(sub) for sub in layer._flatten_layers(include_self=False))
         if isinstance(layer, MaskedLayer):
             masks = layer.masks
@@ -160,12 +158,10 @@ def sparsity_summary(model: keras.Model) -> SparsitySummary:
                 compute = f"coo to batch {sparse_ops.COO_MAX_BATCH}, then csr"
             shape = (layer.input_dim, layer.units)
             rows.append(_row(label, kind, shape, layer.nnz, compute))
-        elif is_prunable(layer) and not isinstance(layer, keras.Model):
+        elif is_prunable(layer):
             weights = find_prunable_weights(layer)
             for variable in weights:
-                name = (
-                    layer.name if len(weights) == 1 else f"{layer.name}/{variable.name}"
-                )
+                name = label if len(weights) == 1 else f"{label}/{variable.name}"
                 nonzeros = int(np.count_nonzero(ops.convert_to_numpy(variable)))
                 rows.append(_row(name, kind, tuple(variable.shape), nonzeros, "dense"))
     return SparsitySummary(tuple(rows))
