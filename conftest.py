@@ -28,6 +28,22 @@ TENSORFLOW_ONLY = [
 ]
 collect_ignore = TENSORFLOW_ONLY if keras.backend.backend() != "tensorflow" else []
 
+# Doctests that run keras_prune's native kernel: skipped, with the reason,
+# where it is not available (no compiler, or KERAS_PRUNE_NATIVE=0).
+NEEDS_NATIVE_KERNEL = {"keras_prune.inference.native.sparse_matmul"}
+
+
+def pytest_collection_modifyitems(config, items):
+    needing = [item for item in items if item.name in NEEDS_NATIVE_KERNEL]
+    if not needing:
+        return
+    from keras_prune.inference import native
+
+    if not native.available():
+        skip = pytest.mark.skip(reason=f"needs the native kernel: {native.failure()}")
+        for item in needing:
+            item.add_marker(skip)
+
 
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace):

@@ -98,10 +98,9 @@ def measure_layers(shapes, densities, batches, repeats):
             candidates = {
                 "dense": kp.export_sparse(masked, compute="dense"),
                 "auto": kp.export_sparse(masked),
-                "native": kp.export_sparse(masked, compute="native"),
-                "coo": kp.export_sparse(masked, compute="coo"),
-                "csr": kp.export_sparse(masked, compute="csr"),
             }
+            for path in sparse_paths():
+                candidates[path] = kp.export_sparse(masked, compute=path)
             kernel = keras.ops.convert_to_numpy(masked.layers[0].masked_kernel)
             for batch in batches:
                 x = tf.constant(rng.normal(size=(batch, shape[0])).astype("float32"))
@@ -137,6 +136,17 @@ def measure_layers(shapes, densities, batches, repeats):
     return rows
 
 
+def sparse_paths():
+    """The kernels to force: the native one only where it was built (the
+    tables say n/a otherwise, and the environment line says why)."""
+    return ("native", "coo", "csr") if native.available() else ("coo", "csr")
+
+
+def ratio(baseline, row, key):
+    """`baseline / row[key]` as `1.23x`, or n/a for a kernel not measured."""
+    return f"{baseline / row[key]:.2f}x" if key in row else "n/a"
+
+
 def scipy_reference(kernel, x):
     try:
         import scipy.sparse
@@ -163,11 +173,11 @@ def layer_tables(rows):
             f"| {row['shape'][0]}x{row['shape'][1]} {auto} | {row['density']:g} | "
             f"{row['batch']} | {ms(dense_op)} | {ms(row['auto/op'])} | "
             f"**{dense_op / row['auto/op']:.2f}x** | "
-            f"{dense_op / row['native/op']:.2f}x | "
+            f"{ratio(dense_op, row, 'native/op')} | "
             f"{dense_op / row['coo/op']:.2f}x | {dense_op / row['csr/op']:.2f}x | "
             f"{ms(dense_call)} | {ms(row['auto/call'])} | "
             f"**{dense_call / row['auto/call']:.2f}x** | "
-            f"{dense_call / row['native/call']:.2f}x | "
+            f"{ratio(dense_call, row, 'native/call')} | "
             f"{dense_call / row['coo/call']:.2f}x | "
             f"{dense_call / row['csr/call']:.2f}x | "
             + (
@@ -264,7 +274,7 @@ def environment():
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
         f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}, keras_prune {kp.__version__}; "
-        f"native kernel: {'yes' if native.available() else 'no'}; "
+        f"native kernel: {'yes' if native.available() else native.failure()}; "
         f"Dense kept above density {sparse_ops.DENSE_MIN_DENSITY} or below "
         f"{sparse_ops.SPARSE_MIN_WEIGHTS:,} weights"
     )

@@ -12,6 +12,7 @@ from keras_prune import (
     masked_layers,
 )
 from keras_prune.inference import native, sparse_ops
+from tests.kernels import compute_paths
 
 
 def convnet():
@@ -152,7 +153,9 @@ def test_converters_refuse_non_models(function):
 # --- export_sparse -------------------------------------------------------
 
 
-@pytest.mark.parametrize("compute", ["auto", "native", "coo", "csr", "dense"])
+@pytest.mark.parametrize(
+    "compute", compute_paths("auto", "native", "coo", "csr", "dense")
+)
 def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute):
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.1)
@@ -215,7 +218,7 @@ def test_export_sparse_handles_nested_models():
     assert isinstance(sparse.get_layer("inner").get_layer("inner_fc"), SparseDense)
 
 
-@pytest.mark.parametrize("compute", ["native", "coo"])
+@pytest.mark.parametrize("compute", compute_paths("native", "coo"))
 def test_sparse_model_saves_loads_and_serves_as_saved_model(tmp_path, compute):
     masked = make_prunable(convnet())
     prune_randomly(masked, density=0.05)
@@ -296,7 +299,7 @@ def test_export_sparse_refuses_unknown_compute():
         export_sparse(keras.Sequential([keras.Input((2,)), MaskedDense(1)]), "fast")
 
 
-@pytest.mark.parametrize("compute", ["native", "csr"])
+@pytest.mark.parametrize("compute", compute_paths("native", "csr"))
 def test_sparse_model_runs_when_jit_compile_is_requested(compute):
     model = keras.Sequential([keras.Input((6,)), MaskedDense(4)])
     prune_randomly(model, density=0.05, seed=3)

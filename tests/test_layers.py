@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_prune import MaskedDense, SparseDense
 from keras_prune.inference import native
+from tests.kernels import compute_paths
 from tests.layer_contract import run_layer_contract
 
 
@@ -223,7 +224,7 @@ def edge_kernels():
     }
 
 
-@pytest.mark.parametrize("compute", ["auto", "native", "coo", "csr"])
+@pytest.mark.parametrize("compute", compute_paths("auto", "native", "coo", "csr"))
 @pytest.mark.parametrize("name", list(edge_kernels()))
 @pytest.mark.parametrize(
     "input_shape",
@@ -297,14 +298,30 @@ def test_sparse_dense_refuses_unknown_compute():
         SparseDense(3, compute="gpu")
 
 
-def test_sparse_dense_under_mixed_precision_computes_in_float16_out():
+@pytest.mark.parametrize("compute", compute_paths("auto", "native", "coo", "csr"))
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("batch", [1, 5, 130])
+def test_sparse_dense_under_mixed_precision_computes_in_half_precision_out(
+    compute, policy, batch
+):
+    # TensorFlow's CSR kernel has no float16 or bfloat16 version: the layer
+    # computes in float32 on every path and casts its output.
     kernel = random_sparse_kernel((12, 7), 0.3)
-    layer = SparseDense.from_kernel(kernel, dtype="mixed_float16")
-    assert layer.compute_path(8) == ("native" if native.available() else "csr")
-    x = np.random.default_rng(3).normal(size=(8, 12)).astype("float32")
+    layer = SparseDense.from_kernel(kernel, dtype=policy, compute=compute)
+    x = np.random.default_rng(3).normal(size=(batch, 12)).astype("float32")
     y = layer(x)
-    assert y.dtype == "float16"
-    np.testing.assert_allclose(to_numpy(y), x @ kernel, rtol=1e-2, atol=1e-2)
+    assert y.dtype == policy.removeprefix("mixed_")
+    # The inputs and weights are rounded to half precision (8 bits of
+    # mantissa for bfloat16), the sums are float32.
+    tolerance = 2e-2 if policy == "mixed_bfloat16" else 3e-3
+    np.testing.assert_allclose(
+        to_numpy(y).astype("float32"), x @ kernel, rtol=tolerance, atol=tolerance
+    )
+
+
+def test_mixed_precision_layers_choose_the_native_kernel_where_it_exists():
+    layer = SparseDense.from_kernel(np.eye(3), dtype="mixed_float16")
+    assert layer.compute_path(8) == ("native" if native.available() else "csr")
 
 
 def test_forcing_the_native_kernel_in_float64_is_refused():

@@ -9,10 +9,7 @@ import pytest
 import tensorflow as tf
 
 from keras_prune.inference import native, sparse_ops
-
-needs_kernel = pytest.mark.skipif(
-    not native.available(), reason="the native kernel could not be built here"
-)
+from tests.kernels import needs_native as needs_kernel
 
 
 def coo(kernel):
@@ -24,6 +21,8 @@ def test_kernel_builds_where_a_compiler_exists():
     # CI has one: a broken build must fail here, not fall back quietly.
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler")
+    if os.environ.get("KERAS_PRUNE_NATIVE") == "0":
+        pytest.skip("the native kernel is turned off (KERAS_PRUNE_NATIVE=0)")
     assert native.available()
     assert native.library_path().exists()
     assert native.library_path().parent == native.cache_dir()
@@ -161,7 +160,10 @@ FALLBACK_SCRIPT = """
 
 def test_without_a_compiler_layers_fall_back_to_tensorflow_kernels(tmp_path):
     stdout, _ = run_python(
-        FALLBACK_SCRIPT, CXX="false", KERAS_PRUNE_CACHE=str(tmp_path)
+        FALLBACK_SCRIPT,
+        CXX="false",
+        KERAS_PRUNE_CACHE=str(tmp_path),
+        KERAS_PRUNE_NATIVE="1",  # also when this suite runs with it off
     )
     paths, product, warnings = stdout.splitlines()
     assert paths == "coo csr"

@@ -138,7 +138,7 @@ def load() -> ModuleType | None:
     Example:
 
     >>> library = load()
-    >>> library is None or hasattr(library, "keras_prune_sparse_mat_mul")
+    >>> (library is None) == (failure() is not None)
     True
     """
     global _library, _failure
@@ -167,10 +167,23 @@ def available() -> bool:
 
     Example:
 
-    >>> available() in (True, False)
+    >>> available() == (load() is not None)
     True
     """
     return load() is not None
+
+
+def failure() -> str | None:
+    """Why the kernel is not available (the build error, or
+    `"KERAS_PRUNE_NATIVE=0"`), or `None` when it is loaded.
+
+    Example:
+
+    >>> (failure() is None) == available()
+    True
+    """
+    load()
+    return _failure
 
 
 def sparse_matmul(
@@ -185,19 +198,19 @@ def sparse_matmul(
             unit, as `sparse_ops.coo_from_kernel` makes them.
         units: Columns of `W`.
 
+    Raises:
+        RuntimeError: If the kernel is not available (see `failure()`).
+
     Example:
 
-    >>> if available():
-    ...     print(sparse_matmul(tf.ones((1, 2)), tf.constant([3.0, 2.0]),
-    ...                         tf.constant([[0, 1], [1, 0]], tf.int64), 2).numpy())
-    ... else:
-    ...     print([[3.0, 2.0]])
-    [[3. 2.]]
+    >>> sparse_matmul(tf.ones((1, 2)), tf.constant([3.0, 2.0]),
+    ...               tf.constant([[0, 1], [1, 0]], tf.int64), 2).numpy()
+    array([[3., 2.]], dtype=float32)
     """
     library = load()
     if library is None:
         raise RuntimeError(
-            f"keras_prune's sparse kernel is not available: {_failure}. "
+            f"keras_prune's sparse kernel is not available: {failure()}. "
             'Use compute="coo" or "csr".'
         )
     return library.keras_prune_sparse_mat_mul(inputs, values, indices, units=units)

@@ -212,6 +212,19 @@ def sparse_matmul(
             tf.cast(flat, tf.float32), tf.cast(values, tf.float32), indices, units
         )
         return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
+    if values.dtype in (tf.float16, tf.bfloat16):
+        # TensorFlow's CSR kernel has no half-precision version (and its COO
+        # one is slow there): compute in float32 and cast back, as the
+        # native kernel does.
+        outputs = sparse_matmul(
+            tf.cast(flat, tf.float32),
+            tf.cast(values, tf.float32),
+            indices,
+            input_dim,
+            units,
+            path,
+        )
+        return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
     transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
     if path == "coo":
         outputs = _coo_matmul(flat, transposed, batch)
