@@ -7,31 +7,10 @@ import dataclasses
 import os
 import sys
 
-# Every field of `MnistConfig` becomes an option `--field-name`.
-_HELP = {
-    "data": "MNIST .npz in Keras layout (default: download with keras.datasets)",
-    "out": "output folder for report.md, rounds.csv and accuracy_vs_kept.png",
-    "quick": "a few thousand samples, one epoch per stage",
-    "seed": "random seed of Keras, NumPy and TensorFlow",
-    "batch_size": "training batch size",
-    "dense_epochs": "epochs of dense training before pruning",
-    "dense_lr": "Adam learning rate of the dense training",
-    "epochs_per_round": "retraining epochs after each cut",
-    "dropout": "dropout rate before fc2 in the dense network",
-    "rounds": "pruning rounds; round k keeps factor**k of the Dense weights",
-    "factor": "fraction of the Dense weights kept per round",
-    "prune_lr": "Adam learning rate while pruning",
-    "final_lr": "learning rate of the last two rounds",
-    "fc2_min_kept": "least fraction of fc2's weights kept",
-    "scale_dropout": "shrink dropout with the connections (Han et al.)",
-    "train_samples": "use only the first N training images",
-    "test_samples": "use only the first N test images",
-}
+from keras_prune.experiments.settings import MnistConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-    from keras_prune.experiments.mnist import MnistConfig
-
     parser = argparse.ArgumentParser(
         prog="keras-prune",
         description="Iterative magnitude pruning for Keras 3.",
@@ -41,12 +20,15 @@ def _parser() -> argparse.ArgumentParser:
         "mnist",
         help="reproduce and beat the seed report on MNIST",
         description="Train the seed convnet on MNIST, prune its Dense layers "
-        "round by round, export it sparse, and write a report, a CSV and a plot.",
+        "round by round, export it sparse, and write a report, a CSV and a plot. "
+        "Each finished round is saved: rerun with --resume to continue a run "
+        "that was stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # Every field of `MnistConfig` becomes an option `--field-name`.
     for field in dataclasses.fields(MnistConfig):
         flag = "--" + field.name.replace("_", "-")
-        help_text = _HELP.get(field.name, "")
+        help_text = field.metadata["help"]
         if isinstance(field.default, bool):
             mnist.add_argument(
                 flag, action=argparse.BooleanOptionalAction,
@@ -60,11 +42,26 @@ def _parser() -> argparse.ArgumentParser:
                 default=field.default,
                 help=help_text,
             )
+    mnist.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in --out after its last finished round "
+        "(same settings required)",
+    )
     return parser
+
+
+def _error(error: BaseException) -> int:
+    print(f"keras-prune: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status.
+
+    0 on success, 2 on bad input or a missing dependency (checked before
+    anything is trained), 130 when stopped with Ctrl-C (after writing a
+    partial report; `--resume` continues the run).
 
     Example:
 
@@ -72,15 +69,37 @@ def main(argv: list[str] | None = None) -> int:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
     args = _parser().parse_args(argv)
-    from keras_prune.experiments import mnist, report
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
+    config = MnistConfig(**options)
+    from keras_prune.experiments import requirements
 
-    options = {k: v for k, v in vars(args).items() if k != "command"}
-    config = mnist.MnistConfig(**options)
     try:
-        result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2)
+        requirements.check(args.command)
+    except RuntimeError as error:
+        return _error(error)
+
+    from keras_prune.experiments import mnist, report
+    from keras_prune.experiments.progress import RunFolder
+
+    try:
+        folder = RunFolder(config.out, mnist.settings(config), resume=args.resume)
+    except (FileExistsError, ValueError) as error:
+        return _error(error)
+    try:
+        result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
+                           folder=folder)  # fmt: skip
     except (FileNotFoundError, RuntimeError, ValueError) as error:
-        print(f"keras-prune: error: {error}", file=sys.stderr)
-        return 2
+        return _error(error)
+    except KeyboardInterrupt:
+        path = report.write_partial_report(
+            config, folder.rows, folder.seconds(), config.out
+        )
+        print(
+            f"\nStopped. The finished rounds are in {path} and "
+            f"{folder.file('rounds.csv')}; rerun with --resume to continue.",
+            file=sys.stderr,
+        )
+        return 130
     paths = report.write_report(result, config.out)
     print()
     print(report.comparison_table(result.rounds))

@@ -1,5 +1,11 @@
 import csv
+import importlib.util
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import keras
 import pytest
@@ -75,13 +81,44 @@ def test_npz_without_the_four_arrays_is_refused(tmp_path):
         load_mnist(tmp_path / "bad.npz")
 
 
-def test_quick_run_writes_a_sane_report_csv_and_plot(mnist_path, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["mnist", "--data", mnist_path, "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+def keras_prune_mnist(*options):
+    """Starts `keras-prune mnist --quick` in a new process, as a user would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "keras_prune", "mnist", "--quick", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def finish(process, timeout=600):
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One uninterrupted quick run: its output folder and printed text."""
+    if not os.path.isfile(MNIST):
+        pytest.skip(f"needs the shared MNIST file at {MNIST}")
+    out = tmp_path_factory.mktemp("quick")
+    status, stdout, stderr = finish(
+        keras_prune_mnist("--data", MNIST, "--out", str(out))
+    )
+    assert status == 0, stderr
+    return out, stdout
+
+
+def read_rows(folder):
+    with open(folder / "rounds.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_quick_run_writes_a_sane_report_csv_and_plot(quick_run):
+    out, printed = quick_run
     assert "| round | kept (all Dense)" in printed
-    with open(out / "rounds.csv") as file:
-        rows = list(csv.DictReader(file))
+    rows = read_rows(out)
     assert len(rows) == 19  # the dense model, then 18 rounds
     expected = [1.0, *kept_ladder(18, 0.7)]
     for row, kept in zip(rows, expected, strict=True):
@@ -94,3 +131,66 @@ def test_quick_run_writes_a_sane_report_csv_and_plot(mnist_path, tmp_path, capsy
     assert "Quick mode" in report and "| sparse |" in report
     png = (out / "accuracy_vs_kept.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # Only the last round's checkpoint is kept, beside the dense model's.
+    assert sorted(os.listdir(out / "checkpoints")) == ["dense-1.keras",
+                                                       "masked-19.keras"]  # fmt: skip
+
+
+def test_stopped_run_leaves_a_report_and_resumes_to_the_same_table(quick_run, tmp_path):
+    out = tmp_path / "run"
+    process = keras_prune_mnist("--data", MNIST, "--out", str(out))
+    csv_file = out / "rounds.csv"
+    while not csv_file.exists() or len(read_rows(out)) < 6:  # dense, rounds 1-5
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    status, _, stderr = finish(process)
+    assert status == 130, stderr
+    assert "rerun with --resume to continue" in stderr
+    finished = read_rows(out)
+    assert 6 <= len(finished) < 19
+    report = (out / "report.md").read_text()
+    last = len(finished) - 1
+    assert f"**Stopped after round {last}, before round {last + 1} of 18**" in report
+    assert f"| {last} | {float(finished[-1]['kept']):.4%} |" in report
+
+    # Without --resume, the unfinished run is not overwritten.
+    status, _, stderr = finish(keras_prune_mnist("--data", MNIST, "--out", str(out)))
+    assert status == 2 and "Pass --resume" in stderr
+    assert read_rows(out) == finished
+
+    status, stdout, stderr = finish(
+        keras_prune_mnist("--data", MNIST, "--out", str(out), "--resume")
+    )
+    assert status == 0, stderr
+    uninterrupted = read_rows(quick_run[0])
+    assert read_rows(out) == uninterrupted  # every round, to the last digit
+
+
+def test_resume_with_other_settings_names_them(quick_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[0], out)
+    status, _, stderr = finish(
+        keras_prune_mnist(
+            "--data", MNIST, "--out", str(out), "--resume", "--rounds", "5"
+        )  # fmt: skip
+    )
+    assert status == 2
+    assert "Received: rounds=5 (the run has 18)" in stderr
+
+
+def test_missing_optional_dependency_stops_before_anything_runs(
+    monkeypatch, tmp_path, capsys
+):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "matplotlib" else real_find_spec(name),
+    )
+    out = tmp_path / "run"
+    assert main(["mnist", "--quick", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "keras-prune mnist needs matplotlib, which is not installed" in error
+    assert "pip install 'keras_prune[demo]'" in error
+    assert not out.exists()  # nothing was trained or written

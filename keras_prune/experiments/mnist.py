@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from functools import partial
 from typing import Any
 
@@ -26,6 +25,9 @@ import numpy as np
 
 import keras_prune as kp
 from keras_prune.experiments.data import load_mnist, preprocess
+from keras_prune.experiments.progress import RunFolder
+from keras_prune.experiments.requirements import check
+from keras_prune.experiments.settings import MnistConfig
 from keras_prune.experiments.timing import time_interleaved
 
 # The seed report's table: fraction of Dense weights kept -> test accuracy.
@@ -49,47 +51,6 @@ SEED_TABLE = (
 SEED_TIMES = {"dense": 0.644, "masked": 1.572, "sparse": 0.692}
 
 DENSE_LAYERS = ("fc1", "fc2")
-
-
-@dataclasses.dataclass(frozen=True)
-class MnistConfig:
-    """Settings of one MNIST pruning run; every field is a command-line option.
-
-    Example:
-
-    >>> MnistConfig(quick=True).rounds
-    18
-    """
-
-    data: str | None = None
-    out: str = "runs/mnist"
-    quick: bool = False
-    seed: int = 0
-    batch_size: int = 128
-    dense_epochs: int = 3
-    dense_lr: float = 1e-3
-    rounds: int = 18
-    factor: float = 0.7
-    epochs_per_round: int = 2
-    prune_lr: float = 3e-4
-    final_lr: float = 1e-4
-    fc2_min_kept: float = 0.04
-    dropout: float = 0.5
-    scale_dropout: bool = True
-    train_samples: int | None = None
-    test_samples: int | None = None
-
-    def resolved(self) -> MnistConfig:
-        """Fills the quick mode's smaller sizes where none was given."""
-        if not self.quick:
-            return self
-        return dataclasses.replace(
-            self,
-            dense_epochs=min(self.dense_epochs, 1),
-            epochs_per_round=1,
-            train_samples=self.train_samples or 4000,
-            test_samples=self.test_samples or 2000,
-        )
 
 
 @dataclasses.dataclass
@@ -279,19 +240,41 @@ def train_dense(
 
 
 def prune(
-    config: MnistConfig, dense: keras.Model, data: Data, verbose: int = 2
+    config: MnistConfig,
+    dense: keras.Model,
+    data: Data,
+    verbose: int = 2,
+    folder: RunFolder | None = None,
 ) -> tuple[keras.Model, list[Round]]:
     """Prunes fc1 and fc2 round by round; returns the masked model and rows.
 
     Round `k` cuts the Dense layers to `factor ** k` of their weights (see
     `split_ladder` for how fc1 and fc2 share them), then retrains
-    `epochs_per_round` epochs and evaluates on the test set.
+    `epochs_per_round` epochs and evaluates on the test set. Each round
+    starts from the random seed `config.seed + k`, so that its shuffling
+    depends only on the settings and the state the round starts from.
+
+    Args:
+        config: The settings.
+        dense: The trained dense network; left unchanged.
+        data: The training and test images.
+        verbose: Keras `fit` verbosity. Defaults to `2`.
+        folder: Where each finished round is recorded (CSV row, progress,
+            checkpoint of the masked model with its optimizer state). Rows
+            after the first (the dense model's) are rounds already done:
+            pruning continues from the checkpoint after the last of them.
+            Defaults to `None` (nothing written).
     """
-    masked = kp.make_prunable(dense, layers=list(DENSE_LAYERS))
-    _compile(masked, config.prune_lr)
-    sizes = {
-        name: math.prod(masked.get_layer(name).mask.shape) for name in DENSE_LAYERS
-    }
+    rounds = [Round(**row) for row in folder.rows[1:]] if folder else []
+    if rounds:
+        masked = folder.load_model("masked")
+        # DropoutScalingCallback scales the rate from its initial value.
+        masked.get_layer("dropout").rate = config.dropout
+    else:
+        masked = kp.make_prunable(dense, layers=list(DENSE_LAYERS))
+        _compile(masked, config.prune_lr)
+    layers = {name: masked.get_layer(name) for name in DENSE_LAYERS}
+    sizes = {name: math.prod(layer.mask.shape) for name, layer in layers.items()}
     ladder = kept_ladder(config.rounds, config.factor)
     per_layer = split_ladder(ladder, sizes, config.fc2_min_kept)
     every = config.epochs_per_round
@@ -306,31 +289,33 @@ def prune(
     ]
     if config.scale_dropout:
         callbacks.insert(1, kp.DropoutScalingCallback({"dropout": "fc1"}))
-    history = masked.fit(
-        data.x_train,
-        data.y_train,
-        batch_size=config.batch_size,
-        epochs=config.rounds * every,
-        validation_data=(data.x_test, data.y_test),
-        validation_freq=every,
-        callbacks=callbacks,
-        verbose=verbose,
-    ).history
-    dropout = history.get("dropout/dropout", [config.dropout] * len(history["loss"]))
-    rounds = []
-    for k, accuracy in enumerate(history["val_accuracy"], start=1):
-        epoch = k * every - 1
+    for k in range(len(rounds) + 1, config.rounds + 1):
+        keras.utils.set_random_seed(config.seed + k)
+        masked.fit(
+            data.x_train,
+            data.y_train,
+            batch_size=config.batch_size,
+            initial_epoch=(k - 1) * every,
+            epochs=k * every,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        accuracy = masked.evaluate(data.x_test, data.y_test, batch_size=1000,
+                                   verbose=0)[1]  # fmt: skip
         rounds.append(
             Round(
                 round=k,
-                epoch=config.dense_epochs + epoch,
+                epoch=config.dense_epochs + k * every - 1,
                 kept=ladder[k - 1],
-                kept_fc1=1.0 - history["sparsity/fc1"][epoch],
-                kept_fc2=1.0 - history["sparsity/fc2"][epoch],
-                dropout=dropout[epoch],
+                kept_fc1=1.0 - layers["fc1"].sparsity,
+                kept_fc2=1.0 - layers["fc2"].sparsity,
+                dropout=masked.get_layer("dropout").rate,
                 test_accuracy=accuracy,
             )
         )
+        if folder is not None:
+            rows = folder.rows[:1] + [dataclasses.asdict(r) for r in rounds]
+            folder.record(rows, {"masked": masked})
     return masked, rounds
 
 
@@ -367,16 +352,45 @@ def deploy(
     )
 
 
-def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
+def settings(config: MnistConfig) -> dict[str, Any]:
+    """The settings a resumed run must share: all but the output folder.
+
+    Example:
+
+    >>> "out" in settings(MnistConfig()), settings(MnistConfig())["rounds"]
+    (False, 18)
+    """
+    resolved = dataclasses.asdict(config.resolved())
+    return {key: value for key, value in resolved.items() if key != "out"}
+
+
+def run(
+    config: MnistConfig, verbose: int = 2, folder: RunFolder | None = None
+) -> MnistResult:
     """Trains, prunes, exports and measures; returns every number.
+
+    What each stage finishes is recorded in `folder` as it goes (see
+    `RunFolder`): the dense model and its row, then each round's row and
+    checkpoint. Given a folder that holds part of a run, `run` continues
+    after its last finished round, with the same masks, optimizer state and
+    schedule position, and ends with the same table as a run never stopped.
 
     Args:
         config: The settings.
         verbose: Keras `fit` verbosity (1 progress bars, 2 one line per
             epoch, 0 silent). Defaults to `2`.
+        folder: Where to record progress, or `None` for
+            `RunFolder(config.out, settings(config))`, which refuses a folder
+            holding an unfinished run. Defaults to `None`.
 
     Returns:
         A `MnistResult`.
+
+    Raises:
+        RuntimeError: If TensorFlow or matplotlib is missing, or Keras runs
+            on another backend (before anything is trained).
+        FileExistsError: If `folder` is `None` and `config.out` holds an
+            unfinished run.
 
     Example:
 
@@ -384,22 +398,29 @@ def run(config: MnistConfig, verbose: int = 2) -> MnistResult:
     >>> f"{result.rounds[-1].kept:.4%}"  # doctest: +SKIP
     '0.1628%'
     """
-    start = time.perf_counter()
+    check("mnist")
     config = config.resolved()
-    keras.utils.set_random_seed(config.seed)
+    if folder is None:
+        folder = RunFolder(config.out, settings(config))
     data = prepare_data(config)
-    dense, dense_row = train_dense(config, data, verbose)
-    masked, rounds = prune(config, dense, data, verbose)
+    if folder.rows:
+        dense = folder.load_model("dense")
+    else:
+        keras.utils.set_random_seed(config.seed)
+        dense, dense_row = train_dense(config, data, verbose)
+        folder.record([dataclasses.asdict(dense_row)], {"dense": dense})
+    masked, _ = prune(config, dense, data, verbose, folder)
     deployment = deploy(config, dense, masked, data)
+    folder.record(folder.rows, finished=True)
     return MnistResult(
         config=config,
-        rounds=[dense_row, *rounds],
+        rounds=[Round(**row) for row in folder.rows],
         sizes=deployment.sizes,
         times=deployment.times,
         sparse_accuracy=deployment.sparse_accuracy,
         max_difference=deployment.max_difference,
         summary=str(kp.sparsity_summary(deployment.sparse)),
-        wall_seconds=time.perf_counter() - start,
+        wall_seconds=folder.seconds(),
         versions=versions(),
     )
 

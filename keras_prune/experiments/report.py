@@ -1,13 +1,20 @@
-"""Renders an `MnistResult`: a markdown report, a CSV of rounds, a PNG plot."""
+"""Renders an `MnistResult` as a markdown report and a PNG plot, and a stopped
+run's rounds as a partial report."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from typing import Any
 
-from keras_prune.experiments.mnist import SEED_TABLE, SEED_TIMES, MnistResult, Round
+from keras_prune.experiments.mnist import (
+    SEED_TABLE,
+    SEED_TIMES,
+    MnistConfig,
+    MnistResult,
+    Round,
+    versions,
+)
 
 
 def _seed_accuracy(kept: float) -> float | None:
@@ -53,16 +60,6 @@ def deployment_table(sizes: dict[str, int], times: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(result: MnistResult, path: str) -> None:
-    """Writes one row per round."""
-    fields = [field.name for field in dataclasses.fields(Round)]
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        for row in result.rounds:
-            writer.writerow(dataclasses.asdict(row))
-
-
 def plot(rounds: list[Round], path: str | None = None) -> Any:
     """Test accuracy against kept fraction (log x), ours beside the seed's.
 
@@ -105,11 +102,37 @@ def plot(rounds: list[Round], path: str | None = None) -> Any:
     return None
 
 
+def _settings_and_versions(config: MnistConfig, versions: dict[str, str]) -> str:
+    settings = "\n".join(
+        f"| `{key}` | {value} |" for key, value in dataclasses.asdict(config).items()
+    )
+    rows = "\n".join(f"| {key} | {value} |" for key, value in versions.items())
+    return f"""## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+## Versions
+
+| | |
+|---|---|
+{rows}
+"""
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
 def write_report(result: MnistResult, folder: str) -> dict[str, str]:
-    """Writes `report.md`, `rounds.csv` and `accuracy_vs_kept.png` to `folder`.
+    """Writes `report.md`, then `accuracy_vs_kept.png`, to `folder`.
+
+    `rounds.csv` is there already: `mnist.run` writes it after every round.
 
     Returns:
-        `{kind: path}` of the files written.
+        `{kind: path}` of the report, the CSV and the plot.
     """
     os.makedirs(folder, exist_ok=True)
     paths = {
@@ -117,15 +140,6 @@ def write_report(result: MnistResult, folder: str) -> dict[str, str]:
         "csv": os.path.join(folder, "rounds.csv"),
         "plot": os.path.join(folder, "accuracy_vs_kept.png"),
     }
-    write_csv(result, paths["csv"])
-    plot(result.rounds, paths["plot"])
-    settings = "\n".join(
-        f"| `{key}` | {value} |"
-        for key, value in dataclasses.asdict(result.config).items()
-    )
-    versions = "\n".join(
-        f"| {key} | {value} |" for key, value in result.versions.items()
-    )
     minutes = result.wall_seconds / 60
     quick = (
         "**Quick mode**: a subset of the data and one epoch per stage; the "
@@ -133,7 +147,9 @@ def write_report(result: MnistResult, folder: str) -> dict[str, str]:
         if result.config.quick
         else ""
     )
-    text = f"""# MNIST iterative pruning: keras_prune vs the seed report
+    _write(
+        paths["report"],
+        f"""# MNIST iterative pruning: keras_prune vs the seed report
 
 Network: the TensorFlow-tutorial convnet of the seed report (conv 5x5x32, pool,
 conv 5x5x64, pool, fc1 3136x1024, dropout, fc2 1024x10). Only fc1 and fc2 are
@@ -159,18 +175,51 @@ state; times are medians of one compiled call on the whole test set.
 {result.summary}
 ```
 
-## Settings
-
-| setting | value |
-|---|---|
-{settings}
-
-## Versions
-
-| | |
-|---|---|
-{versions}
-"""
-    with open(paths["report"], "w") as file:
-        file.write(text)
+{_settings_and_versions(result.config, result.versions)}""",
+    )
+    plot(result.rounds, paths["plot"])
     return paths
+
+
+def write_partial_report(
+    config: MnistConfig, rows: list[dict], seconds: float, folder: str
+) -> str:
+    """Writes `report.md` for a run stopped before its end: the rounds it
+    finished, and how to continue it. Returns the report's path.
+
+    Example:
+
+    >>> import tempfile
+    >>> row = {"round": 0, "epoch": 2, "kept": 1.0, "kept_fc1": 1.0,
+    ...        "kept_fc2": 1.0, "dropout": 0.5, "test_accuracy": 0.99}
+    >>> path = write_partial_report(MnistConfig(), [row], 60.0, tempfile.mkdtemp())
+    >>> print(open(path).read().splitlines()[2])
+    **Stopped after the dense training, before round 1 of 18**, after 1.0 min.
+    """
+    config = config.resolved()
+    rounds = [Round(**row) for row in rows]
+    if not rounds:
+        stopped = "during the dense training"
+    elif rounds[-1].round == config.rounds:
+        stopped = "after the last round, before the export and timing"
+    elif rounds[-1].round == 0:
+        stopped = f"after the dense training, before round 1 of {config.rounds}"
+    else:
+        stopped = (
+            f"after round {rounds[-1].round}, before round {len(rounds)} "
+            f"of {config.rounds}"
+        )
+    text = f"""# MNIST iterative pruning: keras_prune vs the seed report (unfinished)
+
+**Stopped {stopped}**, after {seconds / 60:.1f} min.
+Rerun the same command with `--resume` to continue from there.
+
+## Test accuracy after each finished round
+
+{comparison_table(rounds) if rounds else "(none yet)"}
+
+{_settings_and_versions(config, versions())}"""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "report.md")
+    _write(path, text)
+    return path

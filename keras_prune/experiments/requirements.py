@@ -1,0 +1,59 @@
+"""What each command needs beyond keras_prune's own dependencies, checked
+before any training starts so that a long job never fails at its end."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# command -> (modules it imports, the extra of keras_prune that installs them)
+NEEDS = {"mnist": (("tensorflow", "matplotlib"), "demo")}
+
+
+def check(command: str) -> None:
+    """Raises if `command` cannot run to its end here.
+
+    Checks, without importing them, that the modules the command needs are
+    installed, and that Keras runs on the TensorFlow backend (the job's
+    timing and sparse export are TensorFlow code).
+
+    Args:
+        command: A key of `NEEDS`, e.g. `"mnist"`.
+
+    Raises:
+        RuntimeError: Naming what is missing and the extra that installs it,
+            or the backend to set.
+        ValueError: If `command` is not a key of `NEEDS`.
+
+    Example:
+
+    >>> check("mnist")  # silent where tensorflow and matplotlib are installed
+    >>> check("lenet")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `command` to be one of ['mnist']. Received: command='lenet'
+    """
+    if command not in NEEDS:
+        raise ValueError(
+            f"Expected `command` to be one of {sorted(NEEDS)}. "
+            f"Received: command={command!r}"
+        )
+    modules, extra = NEEDS[command]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(
+            f"keras-prune {command} needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; nothing was "
+            f"run. Install them with: pip install 'keras_prune[{extra}]'"
+        )
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend is None:
+        import keras
+
+        backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"keras-prune {command} runs on Keras's TensorFlow backend (it "
+            f"times and exports with TensorFlow). Received: KERAS_BACKEND="
+            f"{backend!r}; set KERAS_BACKEND=tensorflow."
+        )

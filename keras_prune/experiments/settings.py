@@ -1,0 +1,68 @@
+"""The MNIST job's settings, importable without Keras or TensorFlow (the
+command line reads them to build its options and check its dependencies
+before anything heavy loads)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _option(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig:
+    """Settings of one MNIST pruning run; every field is a command-line option.
+
+    Example:
+
+    >>> MnistConfig(quick=True).rounds
+    18
+    """
+
+    data: str | None = _option(
+        None, "MNIST .npz in Keras layout (default: download with keras.datasets)"
+    )
+    out: str = _option(
+        "runs/mnist",
+        "output folder for report.md, rounds.csv, accuracy_vs_kept.png and the "
+        "checkpoints that --resume continues from",
+    )
+    quick: bool = _option(False, "a few thousand samples, one epoch per stage")
+    seed: int = _option(0, "random seed of Keras, NumPy and TensorFlow")
+    batch_size: int = _option(128, "training batch size")
+    dense_epochs: int = _option(3, "epochs of dense training before pruning")
+    dense_lr: float = _option(1e-3, "Adam learning rate of the dense training")
+    rounds: int = _option(
+        18, "pruning rounds; round k keeps factor**k of the Dense weights"
+    )
+    factor: float = _option(0.7, "fraction of the Dense weights kept per round")
+    epochs_per_round: int = _option(2, "retraining epochs after each cut")
+    prune_lr: float = _option(3e-4, "Adam learning rate while pruning")
+    final_lr: float = _option(1e-4, "learning rate of the last two rounds")
+    fc2_min_kept: float = _option(0.04, "least fraction of fc2's weights kept")
+    dropout: float = _option(0.5, "dropout rate before fc2 in the dense network")
+    scale_dropout: bool = _option(
+        True, "shrink dropout with the connections (Han et al.)"
+    )
+    train_samples: int | None = _option(None, "use only the first N training images")
+    test_samples: int | None = _option(None, "use only the first N test images")
+
+    def resolved(self) -> MnistConfig:
+        """Fills the quick mode's smaller sizes where none was given.
+
+        Example:
+
+        >>> MnistConfig(quick=True).resolved().train_samples
+        4000
+        """
+        if not self.quick:
+            return self
+        return dataclasses.replace(
+            self,
+            dense_epochs=min(self.dense_epochs, 1),
+            epochs_per_round=1,
+            train_samples=self.train_samples or 4000,
+            test_samples=self.test_samples or 2000,
+        )

@@ -1,0 +1,82 @@
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_prune.experiments.progress import RunFolder
+from tests.backend_utils import to_numpy
+
+
+def dropout_model():
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5)])
+
+
+def drops(model):
+    """Which of 64 ones the model's dropout zeroes, as booleans."""
+    return to_numpy(model(np.ones((1, 64), "float32"), training=True)) == 0
+
+
+def test_a_resumed_folder_gives_back_rows_models_and_their_random_state(tmp_path):
+    model = dropout_model()
+    drops(model)  # advance its random-number state past the start
+    RunFolder(tmp_path, {"seed": 0}).record([{"round": 0}], {"net": model})
+    resumed = RunFolder(tmp_path, {"seed": 0}, resume=True)
+    assert resumed.rows == [{"round": 0}]
+    loaded = resumed.load_model("net")
+    # The next dropout draws are the same as the saved model's own next ones.
+    np.testing.assert_array_equal(drops(loaded), drops(model))
+    assert (tmp_path / "rounds.csv").read_text().splitlines() == ["round", "0"]
+
+
+def test_a_save_stopped_halfway_leaves_the_last_record_intact(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path, {"seed": 0})
+    folder.record([{"round": 0}], {"net": dropout_model()})
+    before = json.loads((tmp_path / "progress.json").read_text())
+
+    def stopped(self, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        folder.record([{"round": 0}, {"round": 1}], {"net": dropout_model()})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "progress.json").read_text()) == before
+    assert os.listdir(tmp_path / "checkpoints") == ["net-1.keras"]  # no partial
+    resumed = RunFolder(tmp_path, {"seed": 0}, resume=True)
+    assert resumed.rows == [{"round": 0}]
+    assert resumed.load_model("net").layers[0].rate == 0.5
+
+
+def test_only_the_latest_checkpoint_of_each_model_is_kept(tmp_path):
+    folder = RunFolder(tmp_path, {})
+    folder.record([{"round": 0}], {"dense": dropout_model()})
+    folder.record([{"round": 0}, {"round": 1}], {"masked": dropout_model()})
+    folder.record(
+        [{"round": 0}, {"round": 1}, {"round": 2}], {"masked": dropout_model()}
+    )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == [
+        "dense-1.keras",
+        "masked-3.keras",
+    ]
+
+
+def test_an_unfinished_run_is_never_overwritten_without_resume(tmp_path):
+    RunFolder(tmp_path, {"seed": 0}).record([{"round": 0}])
+    with pytest.raises(FileExistsError, match=r"holds an unfinished run \(1 rows"):
+        RunFolder(tmp_path, {"seed": 0})
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected the settings of the run recorded in .* to resume it\. "
+        r"Received: seed=1 \(the run has 0\)$",
+    ):
+        RunFolder(tmp_path, {"seed": 1}, resume=True)
+
+
+def test_a_finished_run_starts_over_without_resume(tmp_path):
+    RunFolder(tmp_path, {}).record([{"round": 0}], {"net": dropout_model()}, True)
+    fresh = RunFolder(tmp_path, {})
+    assert fresh.rows == [] and not os.listdir(tmp_path / "checkpoints")
