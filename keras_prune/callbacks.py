@@ -18,6 +18,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     masked_layers,
 )
 from keras_prune.masks import (
+    check_finite,
     global_magnitude_masks,
     magnitude_mask,
     pruned_count,
@@ -42,10 +43,15 @@ def _magnitude_cut(layer: Any, sparsity: float) -> dict[str, np.ndarray]:
     for key, variable in layer.prunable_weights.items():
         mask = ops.convert_to_numpy(masks[key])
         if pruned_count(sparsity, mask.size) > mask.size - np.count_nonzero(mask):
-            changed[key] = magnitude_mask(
-                ops.convert_to_numpy(variable), mask, sparsity
-            )
+            changed[key] = magnitude_mask(_finite(layer, key, variable), mask, sparsity)
     return changed
+
+
+def _finite(layer: Any, key: str, variable: Any) -> np.ndarray:
+    """The weight's values; raises naming the layer if any is NaN or inf."""
+    return check_finite(
+        ops.convert_to_numpy(variable), f"the {key} of layer {layer.name!r}"
+    )
 
 
 class IterativePruningCallback(keras.callbacks.Callback):
@@ -420,7 +426,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         maxs = [bound(self.max_kept, layer) for layer, *_ in entries]
         old = [ops.convert_to_numpy(mask) for *_, mask in entries]
         new = global_magnitude_masks(
-            [ops.convert_to_numpy(variable) for _, _, variable, _ in entries],
+            [_finite(layer, key, variable) for layer, key, variable, _ in entries],
             old,
             sparsity,
             min_kept=[0.0 if v is None else v for v in mins],
@@ -565,9 +571,23 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._zero_pruned()
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments, JSON-serializable (schedule objects
+        as Keras serializes them); `from_config` takes it back.
+
+        Example:
+
+        >>> import json
+        >>> from keras_prune import ListSchedule
+        >>> callback = IterativePruningCallback(schedule=ListSchedule([0.5, 0.9]))
+        >>> text = json.dumps(callback.get_config())
+        >>> IterativePruningCallback.from_config(json.loads(text)).schedule
+        ListSchedule(sparsities=[0.5, 0.9], begin_step=0, frequency=1)
+        """
         return {
             "final_sparsity": self.final_sparsity,
-            "schedule": self.schedule,
+            "schedule": _map_schedules(
+                self.schedule, keras.saving.serialize_keras_object
+            ),
             "begin_epoch": self.begin_epoch,
             "end_epoch": self.end_epoch,
             "frequency": self.frequency,
@@ -577,6 +597,31 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "max_kept": self.max_kept,
             "unit": self.unit,
         }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> IterativePruningCallback:
+        """Makes the callback from `get_config()`'s output (read back from
+        JSON or not)."""
+
+        def load(value: Any) -> Any:
+            if isinstance(value, dict) and "class_name" in value:
+                return keras.saving.deserialize_keras_object(value)
+            return value
+
+        return cls(**{**config, "schedule": _map_schedules(config["schedule"], load)})
+
+
+def _map_schedules(schedule: Any, function: Any) -> Any:
+    """Applies `function` to a schedule argument's schedule objects (or
+    their serialized dicts), one or a `{layer: schedule}` dict of them;
+    schedule names pass through."""
+    if isinstance(schedule, dict) and "class_name" not in schedule:
+        return {
+            name: _map_schedules(value, function) for name, value in schedule.items()
+        }
+    if isinstance(schedule, str):
+        return schedule
+    return function(schedule)
 
 
 class DropoutScalingCallback(keras.callbacks.Callback):

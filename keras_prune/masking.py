@@ -494,7 +494,9 @@ class MaskedLayer:
         ]
         return 1.0 - sum(kept) / sum(sizes) if sum(sizes) else 0.0
 
-    def prune_to(self, masks: Any, optimizer: Any = None) -> None:
+    def prune_to(
+        self, masks: Any, optimizer: Any = None, *, regrow: bool = False
+    ) -> None:
         """Replaces masks and zeroes the pruned entries of the weights.
 
         Args:
@@ -506,9 +508,15 @@ class MaskedLayer:
                 EMA) is zeroed at the pruned entries too, so that it cannot
                 move them (`IterativePruningCallback` passes the model's).
                 Defaults to `None`.
+            regrow: Whether `masks` may set to 1 entries that are pruned now.
+                Revived weights start at zero (pruning zeroed them). Defaults
+                to `False`: pruning only goes one way, and a mask that would
+                un-prune a weight is refused.
 
         Raises:
-            ValueError: If a name is unknown or a shape differs.
+            ValueError: If a name is unknown, a shape differs, a mask holds
+                values other than 0 and 1, or (without `regrow=True`) a mask
+                revives pruned weights. Nothing is changed then.
 
         Example:
 
@@ -527,6 +535,7 @@ class MaskedLayer:
                     f"Received: masks of type {type(masks).__name__}"
                 )
             masks = {next(iter(current)): masks}
+        checked = {}
         for key, value in masks.items():
             if key not in current:
                 raise ValueError(
@@ -544,7 +553,18 @@ class MaskedLayer:
                     f"Expected `masks[{key!r}]` to hold only 0 and 1. Received "
                     f"values such as {value[~np.isin(value, (0, 1))].ravel()[:3]}"
                 )
-            current[key].assign((value != 0).astype(current[key].dtype))
+            revived = np.count_nonzero(
+                (value != 0) & (ops.convert_to_numpy(current[key]) == 0)
+            )
+            if revived and not regrow:
+                raise ValueError(
+                    f"Expected `masks[{key!r}]` to keep the pruned weights of "
+                    f"layer {self.name!r} pruned. Received a mask that revives "
+                    f"{revived} of them; pass regrow=True to un-prune on purpose."
+                )
+            checked[key] = value != 0
+        for key, value in checked.items():
+            current[key].assign(value.astype(current[key].dtype))
             if optimizer is not None:
                 zero_optimizer_state(optimizer, self.prunable_weights[key], value)
         self._masks_layer.zero_pruned()

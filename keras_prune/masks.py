@@ -39,6 +39,44 @@ def validate_sparsity(value: float, name: str = "sparsity") -> float:
     return number
 
 
+def check_finite(weights: np.ndarray, what: str = "`weights`") -> np.ndarray:
+    """Returns `weights` as an array; raises if any value is NaN or infinite.
+
+    A magnitude ranking of non-finite values is meaningless (NaN sorts
+    anywhere), so every cut checks first; such weights mean training has
+    diverged.
+
+    Args:
+        weights: Values of any shape.
+        what: How the error message names them. Defaults to `"`weights`"`.
+
+    Returns:
+        `np.asarray(weights)`.
+
+    Raises:
+        ValueError: Counting the NaN and infinite values.
+
+    Example:
+
+    >>> check_finite(np.array([1.0, np.nan, np.inf, np.nan]), "the kernel of 'fc1'")
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected the kernel of 'fc1' to be finite to rank it by magnitude. \
+Received: 2 NaN and 1 infinite values among 4. Training has diverged: lower the \
+learning rate or clip gradients.
+    """
+    array = np.asarray(weights)
+    if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+        nan = int(np.count_nonzero(np.isnan(array)))
+        infinite = int(np.count_nonzero(np.isinf(array)))
+        raise ValueError(
+            f"Expected {what} to be finite to rank it by magnitude. Received: "
+            f"{nan} NaN and {infinite} infinite values among {array.size}. "
+            "Training has diverged: lower the learning rate or clip gradients."
+        )
+    return array
+
+
 def sparsity_of(mask: np.ndarray) -> float:
     """Returns the fraction of zeros in `mask`.
 
@@ -81,7 +119,8 @@ def magnitude_mask(
         A new array, the dtype and shape of `weights`, holding only 0 and 1.
 
     Raises:
-        ValueError: If `sparsity` is outside [0, 1) or the shapes differ.
+        ValueError: If `sparsity` is outside [0, 1), the shapes differ, or
+            `weights` hold NaN or infinite values.
 
     Example:
 
@@ -93,7 +132,7 @@ def magnitude_mask(
         Neural Networks", arXiv:1506.02626.
     """
     sparsity = validate_sparsity(sparsity)
-    weights = np.asarray(weights)
+    weights = check_finite(weights)
     dtype = weights.dtype if np.issubdtype(weights.dtype, np.floating) else np.float32
     if mask is None:
         mask = np.ones(weights.shape, dtype=dtype)
@@ -163,7 +202,8 @@ def global_magnitude_masks(
         The new 0/1 masks, one per tensor, dtypes of `weights`.
 
     Raises:
-        ValueError: On a bad sparsity, mismatched shapes or list lengths.
+        ValueError: On a bad sparsity, mismatched shapes or list lengths, or
+            NaN or infinite weights.
 
     Example:
 
@@ -190,7 +230,7 @@ def global_magnitude_masks(
                 f"Expected `{name}` to have one entry per tensor ({count}). "
                 f"Received: {len(values)} entries"
             )
-    arrays = [np.asarray(w) for w in weights]
+    arrays = [check_finite(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
     current = []
     for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
         m = np.ones(w.shape, bool) if m is None else np.asarray(m) != 0

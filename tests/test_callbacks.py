@@ -4,11 +4,13 @@ import pytest
 from keras import ops
 
 from keras_prune import (
+    ConstantSchedule,
     DropoutScalingCallback,
     GeometricSchedule,
     IterativePruningCallback,
     ListSchedule,
     MaskedDense,
+    PolynomialSchedule,
     PruningSchedule,
 )
 
@@ -541,14 +543,26 @@ def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
         assert np.all(slot[mask == 0] == 0) and np.any(slot[mask == 1] != 0)
 
 
-def test_callback_config_is_json():
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        dict(final_sparsity=0.8, scope="global", min_kept={"fc2": 0.05},
+             unit="step", end_epoch=100),
+        dict(schedule=PolynomialSchedule(0.9, 2, 10, power=2, frequency=2)),
+        dict(schedule={"fc1": ListSchedule([0.5, 0.9], frequency=2),
+                       "fc2": GeometricSchedule(0.8, factor=0.5)}),
+        dict(schedule=ConstantSchedule(0.5, begin_step=3)),
+    ],
+    ids=["named", "object", "per-layer", "constant"],
+)  # fmt: skip
+def test_callback_config_round_trips_through_json(arguments):
     import json
 
-    callback = IterativePruningCallback(
-        0.8, scope="global", min_kept={"fc2": 0.05}, unit="step", end_epoch=100
-    )
+    callback = IterativePruningCallback(**arguments)
     config = json.loads(json.dumps(callback.get_config()))
-    assert IterativePruningCallback(**config).get_config() == callback.get_config()
+    again = IterativePruningCallback.from_config(config)
+    assert again.get_config() == callback.get_config()
+    assert again.schedule == callback.schedule  # schedule objects compare by config
 
 
 def test_an_interrupted_fit_resumes_from_its_backup_with_its_masks(tmp_path):
@@ -584,3 +598,22 @@ def test_an_interrupted_fit_resumes_from_its_backup_with_its_masks(tmp_path):
     assert np.all(final <= cut)
     kernel = ops.convert_to_numpy(resumed.get_layer("fc1").kernel)
     np.testing.assert_array_equal(kernel[final == 0], 0)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_cut_on_diverged_weights_names_the_layer_and_the_bad_values(scope):
+    model = small_model()
+    kernel = np.array(ops.convert_to_numpy(model.get_layer("fc2").kernel))
+    kernel[0, :3] = [np.nan, np.inf, -np.inf]
+    model.get_layer("fc2").kernel.assign(kernel)
+    x, y = data()
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected the kernel of layer 'fc2' to be finite to rank it by "
+        r"magnitude\. Received: 1 NaN and 2 infinite values among 150\. ",
+    ):
+        model.fit(
+            x, y, epochs=1, verbose=0,
+            callbacks=[IterativePruningCallback(0.5, "constant", scope=scope)],
+        )  # fmt: skip
+    assert model.get_layer("fc2").sparsity == 0  # nothing was cut

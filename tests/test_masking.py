@@ -167,6 +167,34 @@ def test_prune_to_refuses_wrong_names_and_shapes():
         layer.prune_to({"kernel": np.full((4, 8), 0.5)})
 
 
+def test_prune_to_never_revives_a_pruned_weight_unless_asked():
+    layer = kp.MaskedDense(2, use_bias=False, name="fc")
+    layer(floats(1, 2))
+    layer.kernel.assign(np.full((2, 2), 3.0, "float32"))
+    layer.prune_to(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `masks\['kernel'\]` to keep the pruned weights of "
+        r"layer 'fc' pruned\. Received a mask that revives 2 of them; pass regrow=True",
+    ):
+        layer.prune_to(np.array([[1.0, 1.0], [0.0, 1.0]]))
+    np.testing.assert_array_equal(to_numpy(layer.mask), [[1, 0], [0, 0]])  # kept
+    layer.prune_to(np.ones((2, 2)), regrow=True)
+    # Revived weights start at zero: pruning zeroed them.
+    np.testing.assert_array_equal(to_numpy(layer.kernel), [[3, 0], [0, 0]])
+    assert layer.sparsity == 0
+
+
+def test_a_refused_mask_changes_no_mask_of_the_layer():
+    layer = kp.masked_class(L.LSTM)(2, name="lstm")
+    layer(floats(1, 3, 4))
+    with pytest.raises(ValueError, match=r"to hold only 0 and 1"):
+        layer.prune_to(
+            {"kernel": np.zeros((4, 8)), "recurrent_kernel": np.full((2, 8), 0.5)}
+        )
+    assert layer.sparsity == 0
+
+
 def test_unbuilt_masked_layer_says_so():
     layer = kp.masked_class(L.Conv1D)(2, 3, name="later")
     with pytest.raises(ValueError, match=r"^Layer 'later' is not built yet"):
