@@ -104,11 +104,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
             named schedule; leave it `None` with schedule objects, which
             carry their own.
         schedule: `"polynomial"` (Zhu & Gupta's cubic ramp), `"geometric"`
-            (keep `factor` of the live weights at each cut, as Han et al.
-            and the seed report), `"constant"` (one cut at `begin_epoch`),
-            a `PruningSchedule` object mapping an epoch (or step) to a
-            sparsity, or a dict `{layer name: PruningSchedule}`. Defaults to
-            `"polynomial"`.
+            (keep `factor` of the live weights at each cut: the iterative
+            pruning of Han et al. 2015, section 3.3), `"constant"` (one cut
+            at `begin_epoch`), a `PruningSchedule` object mapping an epoch
+            (or step) to a sparsity, or a dict `{layer name:
+            PruningSchedule}`. Defaults to `"polynomial"`.
         begin_epoch: The first epoch (step, with `unit="step"`) that trains
             pruned; the first cut happens just before it. Defaults to `0`,
             right for a model that is already trained; use 1 or more to
@@ -232,7 +232,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self.schedule = schedule
         self.scope = scope
         self.unit = unit
-        self.layer_schedules: dict[str, PruningSchedule] = {}
+        # {layer label: schedule}, or {None: schedule} with scope="global"
+        self.layer_schedules: dict[str | None, PruningSchedule] = {}
         self._cut_masks: dict[tuple[int, str], np.ndarray] = {}
         self._warned_full: set[tuple[str, str]] = set()
         self._applied: dict[str | None, float] = {}
@@ -341,7 +342,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         names = [label for label, _ in self._labelled()]
         if None in wanted:
             return dict.fromkeys(names, wanted[None])
-        unknown = sorted(set(wanted) - set(names))
+        unknown = sorted(str(name) for name in set(wanted) - set(names))
         if unknown:
             raise ValueError(
                 f"Expected the keys of `final_sparsity` or `schedule` to name "
@@ -356,7 +357,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         return list(zip(layer_labels(layers), layers, strict=True))
 
     @property
-    def layers(self) -> list[Any]:
+    def layers(self) -> list[MaskedLayer]:
         """The masked layers of the model being trained, wherever they live."""
         return [layer for layer in masked_layers(self.model) if layer.built]
 
@@ -449,7 +450,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             self._apply(layer, changed)
 
     @staticmethod
-    def prune_layer(layer: Any, sparsity: float) -> None:
+    def prune_layer(layer: MaskedLayer, sparsity: float) -> None:
         """Prunes each prunable weight of `layer` to `sparsity` by magnitude
         if it is below it; never un-prunes, never empties a weight.
 
@@ -491,7 +492,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def _zero_pruned(self) -> None:
         for layer in self.layers:
-            layer._masks_layer.zero_pruned()
+            layer._built_masks().zero_pruned()
 
     # --- Keras hooks --------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:

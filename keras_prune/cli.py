@@ -18,11 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     mnist = commands.add_parser(
         "mnist",
-        help="reproduce and beat the seed report on MNIST",
-        description="Train the seed convnet on MNIST, prune its Dense layers "
-        "round by round, export it sparse, and write a report, a CSV and a plot. "
-        "Each finished round is saved: rerun with --resume to continue a run "
-        "that was stopped.",
+        help="prune the MNIST convnet's Dense layers, round by round",
+        description="Train the TensorFlow-tutorial MNIST convnet, prune its "
+        "Dense layers round by round, export it sparse, and write a report, a "
+        "CSV and a plot. Each finished round is saved: rerun with --resume to "
+        "continue a run that was stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # Every field of `MnistConfig` becomes an option `--field-name`.

@@ -390,6 +390,7 @@ def _check_names(model: keras.Model, names: list[str]) -> None:
     by_name = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
     for name in names:
         layer = by_name.get(name)
+        reason: str | None
         if layer is None:
             reason = "is not in the model"
         elif not is_prunable(layer):

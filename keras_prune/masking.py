@@ -36,7 +36,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -81,7 +81,7 @@ def _registered_names(cls: type) -> tuple[str, ...] | None:
     return None
 
 
-def is_prunable(layer: Any) -> bool:
+def is_prunable(layer: keras.layers.Layer) -> bool:
     """Whether keras_prune knows which weights of `layer` to prune.
 
     True for the stock classes in `PRUNABLE_WEIGHTS` (and their subclasses)
@@ -110,7 +110,7 @@ def stock_class(cls: type) -> type:
     return cls
 
 
-def find_prunable_weights(layer: Any) -> list[Any]:
+def find_prunable_weights(layer: keras.layers.Layer) -> list[keras.Variable]:
     """The variables of a built `layer` that pruning masks.
 
     Args:
@@ -138,7 +138,7 @@ def find_prunable_weights(layer: Any) -> list[Any]:
             f"keras_prune has no rule for layer {layer.name!r} of type "
             f"{type(layer).__name__}: give it a `get_prunable_weights()` method."
         )
-    found = {}
+    found: dict[str, Any] = {}
     for owner in _own_layers(layer):
         for variable in owner._trainable_variables + owner._non_trainable_variables:
             found.setdefault(variable.name, variable)
@@ -177,7 +177,11 @@ def _mask_keys(located: list[tuple[Any, str]]) -> list[str]:
     return keys
 
 
-def zero_optimizer_state(optimizer: Any, variable: Any, mask: np.ndarray) -> int:
+def zero_optimizer_state(
+    optimizer: keras.optimizers.Optimizer | None,
+    variable: keras.Variable,
+    mask: np.ndarray,
+) -> int:
     """Zeroes an optimizer's per-weight state where `mask` is zero.
 
     With its gradient exactly zero from the cut on, a pruned weight is moved
@@ -206,7 +210,7 @@ def zero_optimizer_state(optimizer: Any, variable: Any, mask: np.ndarray) -> int
     if inner is not None:
         return zero_optimizer_state(inner, variable, mask)
     tracked = getattr(optimizer, "_trainable_variables", None)
-    if not tracked:
+    if optimizer is None or not tracked:
         return 0
     try:
         index = optimizer._get_variable_index(variable)
@@ -363,7 +367,15 @@ class _MaskConstraint:
         return ops.multiply(weight, ops.cast(mask, weight.dtype))
 
 
-class MaskedLayer:
+# The mixins always come first in front of a Keras layer class; to the type
+# checker they are layers (Keras ships no types: `Layer` is `Any` to it).
+if TYPE_CHECKING:
+    from keras.layers import Layer as _Layer
+else:
+    _Layer = object
+
+
+class MaskedLayer(_Layer):
     """Mixin that masks the prunable weights of a stock Keras layer.
 
     Never used alone: `masked_class(cls)` puts it in front of a layer class
@@ -438,7 +450,7 @@ class MaskedLayer:
         saved = []
         try:
             for key, owner, attr, variable in self._mask_slots.value:
-                mask = self._masks_layer.masks[key].value
+                mask = self._built_masks().masks[key].value
                 # The constraint of this training step multiplies by the same
                 # read, so that it never reads the mask variable itself.
                 self._mask_reads.value[key] = mask
@@ -472,26 +484,22 @@ class MaskedLayer:
 
     # --- public API ---------------------------------------------------
     @property
-    def masks(self) -> dict[str, Any]:
+    def masks(self) -> dict[str, keras.Variable]:
         """`{weight name: 0/1 mask variable}`, one per prunable weight."""
-        self._require_built()
-        return dict(self._masks_layer.masks)
+        return dict(self._built_masks().masks)
 
     @property
-    def prunable_weights(self) -> dict[str, Any]:
+    def prunable_weights(self) -> dict[str, keras.Variable]:
         """`{weight name: raw variable}` for the weights the masks prune."""
-        self._require_built()
+        self._built_masks()
         return {key: variable for key, _, _, variable in self._mask_slots.value}
 
     @property
     def sparsity(self) -> float:
         """Fraction of the prunable weights that the masks prune."""
-        self._require_built()
-        sizes = [math.prod(m.shape) for m in self._masks_layer.masks.values()]
-        kept = [
-            int(np.count_nonzero(ops.convert_to_numpy(m)))
-            for m in self._masks_layer.masks.values()
-        ]
+        masks = self._built_masks().masks.values()
+        sizes = [math.prod(m.shape) for m in masks]
+        kept = [int(np.count_nonzero(ops.convert_to_numpy(m))) for m in masks]
         return 1.0 - sum(kept) / sum(sizes) if sum(sizes) else 0.0
 
     def prune_to(
@@ -567,14 +575,15 @@ class MaskedLayer:
             current[key].assign(value.astype(current[key].dtype))
             if optimizer is not None:
                 zero_optimizer_state(optimizer, self.prunable_weights[key], value)
-        self._masks_layer.zero_pruned()
+        self._built_masks().zero_pruned()
 
-    def _require_built(self) -> None:
+    def _built_masks(self) -> PruningMasks:
         if self._masks_layer is None:
             raise ValueError(
                 f"Layer {self.name!r} is not built yet: its masks are made "
                 "when it is built (call it on data, or build the model)."
             )
+        return self._masks_layer
 
 
 _MASKED_CLASSES: dict[type, type] = {}
@@ -634,7 +643,7 @@ def masked_class(cls: type) -> type:
     }
     if hasattr(cls, "get_prunable_weights") or _registered_names(cls) is not None:
         bases: tuple[type, ...] = (MaskedLayer, cls)
-        namespace["call"] = _masked_call(cls.call)
+        namespace["call"] = _masked_call(cls.call)  # type: ignore[attr-defined]
     else:
         bases = (MaskedContainer, cls)
     masked = type(f"Masked{cls.__name__}", bases, namespace)
@@ -643,7 +652,7 @@ def masked_class(cls: type) -> type:
     return masked
 
 
-def mask_in_place(layer: Any) -> None:
+def mask_in_place(layer: keras.layers.Layer) -> None:
     """Turns `layer` into its masked class (`masked_class`), keeping the
     object, its weights and its place in every model that holds it. A built
     layer gets full masks at once, an unbuilt one when it is built."""
@@ -654,7 +663,7 @@ def mask_in_place(layer: Any) -> None:
         layer._attach_masks()
 
 
-def unmask_in_place(layer: Any) -> None:
+def unmask_in_place(layer: keras.layers.Layer) -> None:
     """Turns a masked layer or container back into its stock class; a
     masked layer keeps `weight * mask` as its weights and loses its masks
     and constraints."""
@@ -675,7 +684,7 @@ def unmask_in_place(layer: Any) -> None:
         layer.__class__ = stock_class(type(layer))
 
 
-def is_graph_model(layer: Any) -> bool:
+def is_graph_model(layer: keras.layers.Layer) -> bool:
     """Whether `layer` is a Sequential or Functional model (whose config
     holds its layers' configs)."""
     from keras.src.models.functional import Functional
@@ -683,7 +692,7 @@ def is_graph_model(layer: Any) -> bool:
     return isinstance(layer, keras.Sequential | Functional)
 
 
-def carries_sublayer_configs(layer: Any) -> bool:
+def carries_sublayer_configs(layer: keras.layers.Layer) -> bool:
     """Whether `layer`'s config holds its sublayers' configs, so that masked
     sublayers come back masked from the config alone: graph models,
     wrappers (`TimeDistributed`, `Bidirectional`) and `RNN` with its cell."""
@@ -709,7 +718,7 @@ def _child_steps(parent: Any) -> list[tuple[list[Any], Any]]:
     the index, in a list attribute)."""
     if is_graph_model(parent):
         return [(["layers", i], layer) for i, layer in enumerate(parent.layers)]
-    steps = []
+    steps: list[tuple[list[Any], Any]] = []
     for attr, value in _attributes(parent).items():
         if attr in ("_layers", "pruning_masks", "_masks_layer", "_modules"):
             continue
@@ -750,7 +759,7 @@ def _resolve(parent: Any, path: list[list[Any]]) -> tuple[Any, int]:
     return layer, len(path)
 
 
-def masked_paths(container: Any) -> list[list[list[Any]]]:
+def masked_paths(container: keras.layers.Layer) -> list[list[list[Any]]]:
     """Paths (lists of steps, see `_child_steps`) from `container` to every
     masked layer below it."""
     found: list[list[list[Any]]] = []
@@ -770,7 +779,7 @@ def masked_paths(container: Any) -> list[list[list[Any]]]:
     return found
 
 
-class MaskedContainer:
+class MaskedContainer(_Layer):
     """Mixin for a layer or model that holds masked sublayers it builds
     itself (in `__init__` or `build`) as stock layers: attention layers,
     custom blocks, subclassed models.
@@ -833,7 +842,7 @@ class MaskedContainer:
         pending.value = left
 
 
-def masked_layers(model: Any) -> list[Any]:
+def masked_layers(model: keras.layers.Layer) -> list[MaskedLayer]:
     """Every masked layer in `model`, wherever it lives (nested models,
     wrappers, custom layers), each once.
 
@@ -846,7 +855,7 @@ def masked_layers(model: Any) -> list[Any]:
     return [layer for layer in _own_layers(model) if isinstance(layer, MaskedLayer)]
 
 
-def layer_labels(layers: list[Any]) -> list[str]:
+def layer_labels(layers: list[keras.layers.Layer]) -> list[str]:
     """A label per layer for logs, summaries and per-layer arguments: its
     name, or its path in the model (`"attention_1/query"`) where several
     layers share the name (the projections of two attention layers).
@@ -865,7 +874,9 @@ def layer_labels(layers: list[Any]) -> list[str]:
     ]
 
 
-def iter_masked_weights(model: Any) -> Iterator[tuple[Any, str, Any, Any]]:
+def iter_masked_weights(
+    model: keras.layers.Layer,
+) -> Iterator[tuple[MaskedLayer, str, keras.Variable, keras.Variable]]:
     """Yields `(layer, weight name, raw variable, mask variable)` for every
     masked weight of `model`."""
     for layer in masked_layers(model):
@@ -908,12 +919,12 @@ class MaskedDense(MaskedLayer, keras.layers.Dense):
     call = _masked_call(keras.layers.Dense.call)
 
     @property
-    def mask(self) -> Any:
+    def mask(self) -> keras.Variable:
         """The kernel's 0/1 mask variable."""
         return self.masks["kernel"]
 
     @property
-    def masked_kernel(self) -> Any:
+    def masked_kernel(self) -> Any:  # a backend tensor
         """The kernel with pruned weights zeroed: `kernel * mask`."""
         return ops.multiply(self.kernel, self.mask)
 
@@ -926,7 +937,7 @@ class MaskedDense(MaskedLayer, keras.layers.Dense):
         if self.bias is not None:
             self.bias.assign(store["bias"])
         _unpack_mask(store["mask_bits"], self.mask)
-        self._masks_layer.zero_pruned()
+        self._built_masks().zero_pruned()
 
 
 _MASKED_CLASSES[keras.layers.Dense] = MaskedDense

@@ -133,7 +133,7 @@ def magnitude_mask(
     """
     sparsity = validate_sparsity(sparsity)
     weights = check_finite(weights)
-    dtype = weights.dtype if np.issubdtype(weights.dtype, np.floating) else np.float32
+    dtype = _mask_dtype(weights)
     if mask is None:
         mask = np.ones(weights.shape, dtype=dtype)
     mask = np.asarray(mask)
@@ -143,6 +143,15 @@ def magnitude_mask(
             f"{weights.shape}. Received: mask.shape={mask.shape}"
         )
     return _prune_smallest(weights, mask, pruned_count(sparsity, weights.size), dtype)
+
+
+def _mask_dtype(weights: np.ndarray) -> np.dtype:
+    """A mask takes its weights' float dtype (float32 for other kinds)."""
+    return (
+        weights.dtype
+        if np.issubdtype(weights.dtype, np.floating)
+        else np.dtype("float32")
+    )
 
 
 def pruned_count(sparsity: float, size: int) -> int:
@@ -279,7 +288,7 @@ def global_magnitude_masks(
             w,
             m.reshape(w.shape),
             n,
-            w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32,
+            _mask_dtype(w),
         )
         for w, m, n in zip(arrays, current, counts, strict=True)
     ]

@@ -159,7 +159,8 @@ class PolynomialSchedule(PruningSchedule):
 class GeometricSchedule(PruningSchedule):
     """The kept fraction shrinks by a constant factor at every cut.
 
-    This is the schedule of the seed report and of Han et al.: after cut `k`
+    This is iterative pruning as Han et al. 2015 (arXiv:1506.02626, section
+    3.3) run it, each round keeping a fixed share of the survivors: after cut `k`
     (counting from 1) a fraction `factor ** k` of the weights is kept, until
     that would fall below `1 - final_sparsity`. At `end_step`, if given, the
     target jumps to `final_sparsity` whatever the count of cuts so far.

@@ -1,7 +1,9 @@
 """The main job: reproduce and beat the seed report's MNIST pruning.
 
-The seed report trained the TensorFlow-tutorial convnet on MNIST and pruned
-its two Dense layers iteratively, keeping 70% of the live weights per round.
+The seed report is the 2017 research report keras_prune grew from (in
+Chinese, unpublished; its numbers are in `SEED_TABLE` and `SEED_TIMES`). It
+trained the TensorFlow-tutorial convnet on MNIST and pruned its two Dense
+layers iteratively, keeping 70% of the live weights per round.
 `run` does the same with keras_prune: it trains the network dense, converts
 it with `make_prunable`, prunes it with `IterativePruningCallback` while
 `DropoutScalingCallback` shrinks dropout (Han et al. 2015), evaluates after
@@ -266,7 +268,7 @@ def prune(
             Defaults to `None` (nothing written).
     """
     rounds = [Round(**row) for row in folder.rows[1:]] if folder else []
-    if rounds:
+    if folder is not None and rounds:
         masked = folder.load_model("masked")
         # DropoutScalingCallback scales the rate from its initial value.
         masked.get_layer("dropout").rate = config.dropout

@@ -176,7 +176,7 @@ class SparseDense(keras.layers.Layer):
         layer.build((None, kernel.shape[0]))
         layer.values.assign(values)
         layer.indices.assign(indices)
-        if bias is not None:
+        if layer.bias is not None and bias is not None:
             layer.bias.assign(np.asarray(bias))
         return layer
 
