@@ -320,3 +320,27 @@ def test_without_the_native_kernel_only_larger_layers_pay_off(monkeypatch):
     monkeypatch.setattr(native, "available", lambda: False)
     assert not sparse_ops.pays_off(0.01, lenet_300)
     assert sparse_ops.pays_off(0.01, 3136 * 1024)
+
+
+@pytest.mark.parametrize("compute", compute_paths("auto", "native", "coo", "csr"))
+def test_mixed_precision_export_serves_at_batch_1_5_and_130(compute):
+    policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        dense = keras.Sequential(
+            [keras.Input((40,)), layers.Dense(30, name="fc"), layers.Dense(3)]
+        )
+    finally:
+        keras.mixed_precision.set_dtype_policy(policy)
+    masked = make_prunable(dense)
+    prune_randomly(masked, density=0.1)
+    sparse = export_sparse(masked, compute=compute)
+    if compute != "auto":  # "auto" keeps layers this small Dense
+        assert sparse.get_layer("fc").compute_path(5) == compute
+    for batch in (1, 5, 130):
+        x = np.random.default_rng(batch).normal(size=(batch, 40)).astype("float32")
+        expected = masked.predict(x, verbose=0)
+        served = sparse.predict(x, verbose=0, batch_size=batch)
+        assert served.dtype == expected.dtype == np.float16
+        # Both round inputs and weights to float16; their sums differ in order.
+        np.testing.assert_allclose(served, expected, rtol=1e-2, atol=1e-2)
