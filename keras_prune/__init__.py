@@ -17,33 +17,55 @@ Example:
 0.75
 """
 
-from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
-from keras_prune.convert import (
-    ConversionEntry,
-    ConversionReport,
-    conversion_report,
-    export_sparse,
-    make_prunable,
-    strip_pruning,
-)
-from keras_prune.inference.sparse_dense import SparseDense
-from keras_prune.masking import (
-    PRUNABLE_WEIGHTS,
-    MaskedContainer,
-    MaskedDense,
-    MaskedLayer,
-    masked_class,
-    masked_layers,
-)
-from keras_prune.masks import global_magnitude_masks, magnitude_mask
-from keras_prune.schedules import (
-    ConstantSchedule,
-    GeometricSchedule,
-    ListSchedule,
-    PolynomialSchedule,
-    PruningSchedule,
-)
-from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
+from typing import Any
+
+try:
+    import keras  # noqa: F401 - Keras imports its backend here
+except ImportError as error:  # Keras's backend is not installed
+    _keras_error: ImportError | None = error
+else:
+    _keras_error = None
+
+if _keras_error is None:
+    from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
+    from keras_prune.convert import (
+        ConversionEntry,
+        ConversionReport,
+        conversion_report,
+        export_sparse,
+        make_prunable,
+        strip_pruning,
+    )
+    from keras_prune.inference.sparse_dense import SparseDense
+    from keras_prune.masking import (
+        PRUNABLE_WEIGHTS,
+        MaskedContainer,
+        MaskedDense,
+        MaskedLayer,
+        masked_class,
+        masked_layers,
+    )
+    from keras_prune.masks import global_magnitude_masks, magnitude_mask
+    from keras_prune.schedules import (
+        ConstantSchedule,
+        GeometricSchedule,
+        ListSchedule,
+        PolynomialSchedule,
+        PruningSchedule,
+    )
+    from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
+else:
+    # The command line still starts (its settings and dependency checks need
+    # no Keras) and says which extra to install; the library says it here.
+
+    def __getattr__(name: str) -> Any:
+        raise ImportError(
+            f"keras_prune.{name} needs Keras with an installed backend, and "
+            f"importing Keras failed: {_keras_error}. Install one with "
+            "pip install 'keras_prune[tensorflow]' (or [jax]), or set "
+            "KERAS_BACKEND to a backend you have."
+        ) from _keras_error
+
 
 __version__ = "0.2.0"
 

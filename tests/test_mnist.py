@@ -194,3 +194,49 @@ def test_missing_optional_dependency_stops_before_anything_runs(
     assert "keras-prune mnist needs matplotlib, which is not installed" in error
     assert "pip install 'keras_prune[demo]'" in error
     assert not out.exists()  # nothing was trained or written
+
+
+WITHOUT_TENSORFLOW_AND_MATPLOTLIB = """
+import importlib.abc
+import sys
+
+
+class Uninstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "matplotlib"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Uninstalled())
+import keras_prune as kp
+from keras_prune.cli import main
+
+try:
+    kp.make_prunable
+except ImportError as error:
+    print(error)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_without_a_keras_backend_the_command_names_the_extra(tmp_path):
+    # As after `pip install .` alone: Keras cannot import its default backend.
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW_AND_MATPLOTLIB,
+         "mnist", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().endswith(
+        "keras-prune mnist needs tensorflow and matplotlib, which are not "
+        "installed; nothing was run. Install them with: "
+        "pip install 'keras_prune[demo]'"
+    )
+    assert result.stdout.startswith(
+        "keras_prune.make_prunable needs Keras with an installed backend, and "
+        "importing Keras failed: No module named 'tensorflow'"
+    )
+    assert not out.exists()

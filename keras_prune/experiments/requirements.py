@@ -10,6 +10,14 @@ import os
 NEEDS = {"mnist": (("tensorflow", "matplotlib"), "demo")}
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a broken install, or an import hook refusing it
+        return False
+
+
 def check(command: str) -> None:
     """Raises if `command` cannot run to its end here.
 
@@ -39,7 +47,7 @@ def check(command: str) -> None:
             f"Received: command={command!r}"
         )
     modules, extra = NEEDS[command]
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    missing = [name for name in modules if not _installed(name)]
     if missing:
         raise RuntimeError(
             f"keras-prune {command} needs {' and '.join(missing)}, which "
