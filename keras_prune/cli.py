@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 
 from keras_prune.experiments.settings import MnistConfig
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status.
 
     0 on success, 2 on bad input or a missing dependency (checked before
-    anything is trained), 130 when stopped with Ctrl-C (after writing a
-    partial report; `--resume` continues the run).
+    anything is trained), 130 when stopped with Ctrl-C and 143 when stopped
+    with SIGTERM (`kill`, a job scheduler), after writing a partial report
+    (`--resume` continues the run).
 
     Example:
 
@@ -83,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         folder = RunFolder(config.out, mnist.settings(config), resume=args.resume)
-    except (FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # OSError: FileExistsError too
         return _error(error)
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    on_sigterm = signal.signal(signal.SIGTERM, stop)
     try:
         result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
                            folder=folder)  # fmt: skip
@@ -99,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{folder.file('rounds.csv')}; rerun with --resume to continue.",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     paths = report.write_report(result, config.out)
     print()
     print(report.comparison_table(result.rounds))
