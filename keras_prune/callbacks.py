@@ -27,6 +27,7 @@ from keras_prune.masks import (
 from keras_prune.schedules import (
     SCHEDULES,
     PruningSchedule,
+    is_real,
     validate_end,
     validate_step,
 )
@@ -170,7 +171,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
             end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
         self.end_epoch = end_epoch
         self.frequency = validate_step(frequency, "frequency", minimum=1)
-        self.factor = factor
+        if not (is_real(factor) and 0.0 < factor < 1.0):
+            raise ValueError(
+                f"Expected `factor` in (0, 1). Received: factor={factor!r}"
+            )
+        self.factor = float(factor)
         if scope not in SCOPES:
             raise ValueError(
                 f"Expected `scope` to be one of {list(SCOPES)}. "
@@ -196,6 +201,12 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
         self.min_kept = self._validate_fractions(min_kept, "min_kept")
         self.max_kept = self._validate_fractions(max_kept, "max_kept")
+        if isinstance(self.min_kept, float) and isinstance(self.max_kept, float):
+            if self.min_kept > self.max_kept:
+                raise ValueError(
+                    "Expected `min_kept` <= `max_kept`. Received: "
+                    f"min_kept={min_kept!r}, max_kept={max_kept!r}"
+                )
         if isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(
@@ -250,15 +261,13 @@ class IterativePruningCallback(keras.callbacks.Callback):
         items = value.items() if isinstance(value, dict) else [(None, value)]
         for key, fraction in items:
             label = name if key is None else f"{name}[{key!r}]"
-            if (
-                isinstance(fraction, bool)
-                or not isinstance(fraction, int | float)
-                or not 0.0 <= fraction <= 1.0
-            ):
+            if not (is_real(fraction) and 0.0 <= fraction <= 1.0):
                 raise ValueError(
                     f"Expected `{label}` in [0, 1]. Received: {label}={fraction!r}"
                 )
-        return dict(value) if isinstance(value, dict) else float(value)
+        if isinstance(value, dict):
+            return {key: float(fraction) for key, fraction in value.items()}
+        return float(value)
 
     @staticmethod
     def _validate_finals(final_sparsity: Any) -> float | dict[str, float]:

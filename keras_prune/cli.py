@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _error(error: BaseException) -> int:
+def _error(error: BaseException | str) -> int:
     print(f"keras-prune: error: {error}", file=sys.stderr)
     return 2
 
@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     from keras_prune.experiments import requirements
 
     try:
+        config.validate()
         requirements.check(args.command)
-    except RuntimeError as error:
+    except (FileNotFoundError, RuntimeError, ValueError) as error:
         return _error(error)
 
     from keras_prune.experiments import mnist, report
@@ -85,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         folder = RunFolder(config.out, mnist.settings(config), resume=args.resume)
-    except (OSError, ValueError) as error:  # OSError: FileExistsError too
+    except (FileExistsError, ValueError) as error:
         return _error(error)
+    except OSError as error:
+        return _error(
+            f"Expected --out to be a folder that can be made and written. "
+            f"Received: --out={config.out!r} ({error.strerror}: {error.filename})"
+        )
+    if args.resume and not folder.rows:
+        print(
+            f"Nothing to resume in {config.out}: starting a new run.", file=sys.stderr
+        )
     stopped_by: list[int] = []
 
     def stop(signum: int, frame: object) -> None:
@@ -103,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         path = report.write_partial_report(
             config, folder.rows, folder.seconds(), config.out
         )
+        written = " and ".join(
+            p for p in (path, folder.file("rounds.csv")) if os.path.exists(p)
+        )
         print(
-            f"\nStopped. The finished rounds are in {path} and "
-            f"{folder.file('rounds.csv')}; rerun with --resume to continue.",
+            f"\nStopped. What was finished is in {written}; rerun with "
+            "--resume to continue.",
             file=sys.stderr,
         )
         return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)

@@ -9,21 +9,33 @@ tensors and no state, so they are trivial to test and to serialize.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_prune.masks import validate_sparsity
 
 
 def validate_step(value: Any, name: str, minimum: int = 0) -> int:
-    """Checks that `value` is an integer >= `minimum` and returns it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Checks that `value` is an integer (numpy's too) >= `minimum` and
+    returns it as an `int`."""
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
         raise ValueError(
             f"Expected `{name}` to be an integer >= {minimum}. "
             f"Received: {name}={value!r}"
         )
-    return value
+    return int(value)
+
+
+def is_real(value: Any) -> bool:
+    """Whether `value` is a real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def validate_end(begin_step: int, end_step: Any, name: str = "end_step") -> int:
@@ -43,7 +55,9 @@ class PruningSchedule:
     Subclasses implement `__call__(step) -> float`, the target sparsity (the
     fraction of zero weights) that a layer should have while epoch `step`
     trains, and `get_config()`. The value must never decrease with `step`;
-    the callback only ever prunes more, never less.
+    the callback only ever prunes more, never less. Register a subclass with
+    `@keras.saving.register_keras_serializable()` so that a callback config
+    holding it loads (`IterativePruningCallback.from_config`).
 
     Example:
 
@@ -126,9 +140,9 @@ class PolynomialSchedule(PruningSchedule):
             )
         self.begin_step = validate_step(begin_step, "begin_step")
         self.end_step = validate_end(self.begin_step, end_step)
-        if not (isinstance(power, (int, float)) and power > 0):
+        if not (is_real(power) and power > 0):
             raise ValueError(f"Expected `power` > 0. Received: power={power!r}")
-        self.power = power
+        self.power = float(power)
         self.frequency = validate_step(frequency, "frequency", minimum=1)
 
     def __call__(self, step: int) -> float:
@@ -197,7 +211,7 @@ class GeometricSchedule(PruningSchedule):
         self.end_step = (
             None if end_step is None else validate_end(self.begin_step, end_step)
         )
-        if not (isinstance(factor, (int, float)) and 0.0 < factor < 1.0):
+        if not (is_real(factor) and 0.0 < factor < 1.0):
             raise ValueError(
                 f"Expected `factor` in (0, 1). Received: factor={factor!r}"
             )

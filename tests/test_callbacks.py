@@ -617,3 +617,17 @@ def test_a_cut_on_diverged_weights_names_the_layer_and_the_bad_values(scope):
             callbacks=[IterativePruningCallback(0.5, "constant", scope=scope)],
         )  # fmt: skip
     assert model.get_layer("fc2").sparsity == 0  # nothing was cut
+
+
+def test_numpy_numbers_are_numbers_and_bounds_must_be_ordered():
+    callback = IterativePruningCallback(
+        np.float32(0.9), "geometric", begin_epoch=np.int64(1), factor=np.float32(0.5)
+    )
+    assert callback.get_config()["factor"] == 0.5
+    assert callback.get_config()["begin_epoch"] == 1
+    with pytest.raises(
+        ValueError,
+        match=r"^Expected `min_kept` <= `max_kept`\. Received: min_kept=0\.5, "
+        r"max_kept=0\.1$",
+    ):
+        IterativePruningCallback(0.9, scope="global", min_kept=0.5, max_kept=0.1)

@@ -54,11 +54,14 @@ def test_seed_convnet_has_the_seed_reports_shapes():
 
 
 def test_missing_data_file_names_both_options(tmp_path, capsys):
-    status = main(["mnist", "--data", str(tmp_path / "nope.npz"), "--quick"])
+    out = tmp_path / "run"
+    status = main(["mnist", "--data", str(tmp_path / "nope.npz"), "--quick",
+                   "--out", str(out)])  # fmt: skip
     assert status == 2
     error = capsys.readouterr().err
     assert "Expected `data` to be an .npz file in Keras's MNIST layout" in error
     assert "keras.datasets.mnist" in error and "nope.npz" in error
+    assert not out.exists()  # checked before anything was made
 
 
 def test_failed_download_says_to_pass_a_local_file(monkeypatch):
@@ -213,7 +216,9 @@ def test_missing_optional_dependency_stops_before_anything_runs(
     assert main(["mnist", "--quick", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "keras-prune mnist needs matplotlib, which is not installed" in error
-    assert "pip install 'keras_prune[demo]'" in error
+    assert error.strip().endswith(
+        "nothing was run. Install with: pip install matplotlib"
+    )
     assert not out.exists()  # nothing was trained or written
 
 
@@ -253,11 +258,22 @@ def test_without_a_keras_backend_the_command_names_the_extra(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().endswith(
         "keras-prune mnist needs tensorflow and matplotlib, which are not "
-        "installed; nothing was run. Install them with: "
+        "installed; nothing was run. Install with: "
         "pip install 'keras_prune[demo]'"
     )
     assert result.stdout.startswith(
         "keras_prune.make_prunable needs Keras with an installed backend, and "
         "importing Keras failed: No module named 'tensorflow'"
+    )
+    assert not out.exists()
+
+
+def test_a_bad_option_stops_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["mnist", "--quick", "--factor", "1.5", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        "Expected --factor (the fraction kept per round) in (0, 1). "
+        "Received: --factor=1.5"
     )
     assert not out.exists()

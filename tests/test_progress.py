@@ -78,7 +78,29 @@ def test_an_unfinished_run_is_never_overwritten_without_resume(tmp_path):
         RunFolder(tmp_path, {"seed": 1}, resume=True)
 
 
-def test_a_finished_run_starts_over_without_resume(tmp_path):
+def test_a_finished_run_is_not_overwritten_either(tmp_path):
     RunFolder(tmp_path, {}).record([{"round": 0}], {"net": dropout_model()}, True)
-    fresh = RunFolder(tmp_path, {})
-    assert fresh.rows == [] and not os.listdir(tmp_path / "checkpoints")
+    with pytest.raises(FileExistsError, match=r"holds a finished run \(1 rows"):
+        RunFolder(tmp_path, {})
+    assert os.listdir(tmp_path / "checkpoints") == ["net-1.keras"]
+
+
+def test_a_resumed_run_makes_layers_with_the_seeds_a_run_that_went_on_made(tmp_path):
+    import random
+
+    def seed_of_a_new_dropout():  # unseeded: Keras draws from Python's random
+        return to_numpy(keras.layers.Dropout(0.5).seed_generator.state)
+
+    random.seed(7)
+    RunFolder(tmp_path, {}).record([{"round": 0}])
+    went_on = seed_of_a_new_dropout()
+    random.seed(8)  # as in a new process
+    assert not np.array_equal(seed_of_a_new_dropout(), went_on)
+    RunFolder(tmp_path, {}, resume=True).restore_python_random()
+    np.testing.assert_array_equal(seed_of_a_new_dropout(), went_on)
+
+
+def test_an_unreadable_progress_file_names_itself_and_the_fix(tmp_path):
+    (tmp_path / "progress.json").write_text('{"rows": [')
+    with pytest.raises(ValueError, match=r"^Could not read .*progress\.json .*Delete"):
+        RunFolder(tmp_path, {}, resume=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import keras
 import numpy as np
 
 Arrays = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -23,7 +22,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> Arrays:
 
     Raises:
         FileNotFoundError: If `path` is given but is not a file.
-        ValueError: If the file lacks one of the four arrays.
+        ValueError: If the file is not an .npz or lacks one of the four arrays.
         RuntimeError: If `path` is `None` and the download fails.
 
     Example:
@@ -33,6 +32,8 @@ def load_mnist(path: str | os.PathLike | None = None) -> Arrays:
     (60000, 28, 28)
     """
     if path is None:
+        import keras
+
         try:
             return keras.datasets.mnist.load_data()
         except Exception as error:
@@ -42,13 +43,20 @@ def load_mnist(path: str | os.PathLike | None = None) -> Arrays:
                 "local copy in Keras's npz layout: `--data PATH` on the command "
                 "line, or `data=PATH` in Python."
             ) from error
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            "Expected `data` to be an .npz file in Keras's MNIST layout, or None "
-            f"to download with keras.datasets.mnist. Received: data={str(path)!r}, "
-            "which is not a file"
+    check_path(path)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            "Expected `data` to be an .npz file in Keras's MNIST layout. "
+            f"Received: data={str(path)!r}, which numpy cannot read as one"
+        ) from error
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ValueError(
+            "Expected `data` to be an .npz file in Keras's MNIST layout. "
+            f"Received: data={str(path)!r}, a single .npy array"
         )
-    with np.load(path, allow_pickle=False) as arrays:
+    with arrays:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
         if missing:
             raise ValueError(
@@ -58,6 +66,21 @@ def load_mnist(path: str | os.PathLike | None = None) -> Arrays:
         return (arrays["x_train"], arrays["y_train"]), (
             arrays["x_test"],
             arrays["y_test"],
+        )
+
+
+def check_path(path: str | os.PathLike | None) -> None:
+    """Raises `FileNotFoundError` unless `path` is `None` or a file.
+
+    Example:
+
+    >>> check_path(None)
+    """
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(
+            "Expected `data` to be an .npz file in Keras's MNIST layout, or None "
+            f"to download with keras.datasets.mnist. Received: data={str(path)!r}, "
+            "which is not a file"
         )
 
 

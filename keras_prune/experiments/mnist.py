@@ -273,6 +273,8 @@ def prune(
         # DropoutScalingCallback scales the rate from its initial value.
         masked.get_layer("dropout").rate = config.dropout
     else:
+        if folder is not None:
+            folder.restore_python_random()  # the masked copy's dropout seed
         masked = kp.make_prunable(dense, layers=list(DENSE_LAYERS))
         _compile(masked, config.prune_lr)
     layers = {name: masked.get_layer(name) for name in DENSE_LAYERS}
@@ -401,7 +403,7 @@ def run(
     '0.1628%'
     """
     check("mnist")
-    config = config.resolved()
+    config = config.validate().resolved()
     if folder is None:
         folder = RunFolder(config.out, settings(config))
     data = prepare_data(config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,14 +57,14 @@ class RunFolder:
             progress; a resumed run must have the same ones.
         resume: Whether to continue the run recorded in `path` (a folder
             without one starts a new run). Defaults to `False`, which refuses
-            a folder that holds an unfinished run and starts a finished one
-            over.
+            a folder that holds a run: nothing recorded is ever overwritten.
 
     Raises:
-        FileExistsError: If `resume` is `False` and `path` holds an
-            unfinished run.
+        FileExistsError: If `resume` is `False` and `path` holds a run.
         ValueError: If `resume` is `True` and the recorded run has other
-            settings (each one that differs is named).
+            settings (each one that differs is named), or the progress file
+            cannot be read.
+        OSError: If the folder cannot be made.
 
     Example:
 
@@ -84,19 +85,17 @@ class RunFolder:
         self.earlier_seconds = 0.0  # wall time of the run's earlier sessions
         self.checkpoints: dict[str, str] = {}  # name -> file in checkpoints/
         self.seed_states: dict[str, list[Any]] = {}
+        self.python_random: list[Any] | None = None
         self.started = time.perf_counter()
         recorded = self._read()
-        if recorded is not None and not resume and not recorded["finished"]:
+        if recorded is not None and not resume:
+            state = "a finished" if recorded["finished"] else "an unfinished"
             raise FileExistsError(
-                f"{self.path} holds an unfinished run ({len(recorded['rows'])} "
-                "rows recorded). Pass --resume (resume=True) to continue it, or "
-                "choose another output folder, or delete this one."
+                f"{self.path} holds {state} run ({len(recorded['rows'])} rows "
+                "recorded). Pass --resume (resume=True) to continue it (a "
+                "finished run is then only reported again), or choose another "
+                "output folder, or delete this one."
             )
-        if recorded is not None and not resume:  # a finished run: start over
-            for file_name in recorded["checkpoints"].values():
-                stale = os.path.join(self.path, CHECKPOINTS, file_name)
-                if os.path.exists(stale):
-                    os.remove(stale)
         if recorded is not None and resume:
             different = {
                 key: (value, recorded["settings"].get(key))
@@ -117,14 +116,22 @@ class RunFolder:
             self.earlier_seconds = recorded["seconds"]
             self.checkpoints = recorded["checkpoints"]
             self.seed_states = recorded["seed_states"]
+            self.python_random = recorded["python_random"]
         os.makedirs(os.path.join(self.path, CHECKPOINTS), exist_ok=True)
 
     def _read(self) -> dict[str, Any] | None:
         path = os.path.join(self.path, PROGRESS)
         if not os.path.isfile(path):
             return None
-        with open(path) as file:
-            return json.load(file)
+        try:
+            with open(path) as file:
+                recorded = json.load(file)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not read {path} ({error}); it records the run in "
+                f"{self.path}. Delete that folder to start over."
+            ) from error
+        return recorded
 
     def file(self, name: str) -> str:
         """The path of `name` in the folder."""
@@ -144,6 +151,13 @@ class RunFolder:
         ):
             variable.assign(np.asarray(state, variable.dtype))
         return model
+
+    def restore_python_random(self) -> None:
+        """Puts Python's `random` back as it was at the last record, so that
+        layers made now get the seeds they got in the run that went on."""
+        if self.python_random is not None:
+            version, state, gauss = self.python_random
+            random.setstate((version, tuple(state), gauss))
 
     def seconds(self) -> float:
         """Wall time of the run so far, over all its sessions, in seconds."""
@@ -183,6 +197,11 @@ class RunFolder:
                 np.asarray(v).tolist() for v in _seed_states(model)
             ]
         self.rows, self.finished = list(rows), finished
+        # Keras draws the seeds of the layers it makes (dropout's generators)
+        # from Python's `random`: a run resumed from here restores it, and so
+        # builds the same layers as a run that went on.
+        version, state, gauss = random.getstate()
+        self.python_random = [version, list(state), gauss]
         if rows:
             with _replacing(self.file(CSV)) as partial:
                 with open(partial, "w", newline="") as file:
@@ -196,6 +215,7 @@ class RunFolder:
             "finished": finished,
             "checkpoints": self.checkpoints,
             "seed_states": self.seed_states,
+            "python_random": self.python_random,
         }
         with _replacing(self.file(PROGRESS)) as partial:
             with open(partial, "w") as file:

@@ -49,15 +49,28 @@ def check(command: str) -> None:
     modules, extra = NEEDS[command]
     missing = [name for name in modules if not _installed(name)]
     if missing:
+        # The extra brings tensorflow-cpu: suggest it only where TensorFlow
+        # is missing, never next to a TensorFlow build the user has.
+        fix = (
+            f"pip install 'keras_prune[{extra}]'"
+            if "tensorflow" in missing
+            else "pip install " + " ".join(missing)
+        )
         raise RuntimeError(
             f"keras-prune {command} needs {' and '.join(missing)}, which "
             f"{'is' if len(missing) == 1 else 'are'} not installed; nothing was "
-            f"run. Install them with: pip install 'keras_prune[{extra}]'"
+            f"run. Install with: {fix}"
         )
     backend = os.environ.get("KERAS_BACKEND")
     if backend is None:
-        import keras
-
+        try:
+            import keras
+        except ImportError as error:  # keras.json names a backend not installed
+            raise RuntimeError(
+                f"keras-prune {command} runs on Keras's TensorFlow backend, and "
+                f"Keras could not import its configured one ({error}); set "
+                "KERAS_BACKEND=tensorflow."
+            ) from error
         backend = keras.backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(

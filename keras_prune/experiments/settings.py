@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from keras_prune.experiments.data import check_path
+
 
 def _option(default, help_text):
     return dataclasses.field(default=default, metadata={"help": help_text})
@@ -29,7 +31,11 @@ class MnistConfig:
         "output folder for report.md, rounds.csv, accuracy_vs_kept.png and the "
         "checkpoints that --resume continues from",
     )
-    quick: bool = _option(False, "a few thousand samples, one epoch per stage")
+    quick: bool = _option(
+        False,
+        "4,000 training and 2,000 test images unless given, one epoch per stage "
+        "(overrides --dense-epochs and --epochs-per-round)",
+    )
     seed: int = _option(0, "random seed of Keras, NumPy and TensorFlow")
     batch_size: int = _option(128, "training batch size")
     dense_epochs: int = _option(3, "epochs of dense training before pruning")
@@ -48,6 +54,57 @@ class MnistConfig:
     )
     train_samples: int | None = _option(None, "use only the first N training images")
     test_samples: int | None = _option(None, "use only the first N test images")
+
+    def validate(self) -> MnistConfig:
+        """Checks every setting before anything runs; returns `self`.
+
+        Raises:
+            ValueError: Naming the first bad option and the value received.
+            FileNotFoundError: If `data` is given and is not a file.
+
+        Example:
+
+        >>> MnistConfig(factor=1.5).validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected --factor (the fraction kept per round) in (0, 1). \
+Received: --factor=1.5
+        """
+        checks = [
+            ("rounds", "the number of pruning rounds", lambda v: v >= 1, ">= 1"),
+            ("factor", "the fraction kept per round", lambda v: 0 < v < 1, "in (0, 1)"),
+            ("fc2_min_kept", "a kept fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("dropout", "a dropout rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("batch_size", "a batch size", lambda v: v >= 1, ">= 1"),
+            ("dense_epochs", "a number of epochs", lambda v: v >= 1, ">= 1"),
+            ("epochs_per_round", "a number of epochs", lambda v: v >= 1, ">= 1"),
+            ("dense_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("final_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("seed", "a random seed", lambda v: v >= 0, ">= 0"),
+            (
+                "train_samples",
+                "a number of images",
+                lambda v: v is None or v >= 1,
+                ">= 1",
+            ),
+            (
+                "test_samples",
+                "a number of images",
+                lambda v: v is None or v >= 1,
+                ">= 1",
+            ),
+        ]
+        for name, what, valid, expected in checks:
+            value = getattr(self, name)
+            if not valid(value):
+                option = "--" + name.replace("_", "-")
+                raise ValueError(
+                    f"Expected {option} ({what}) {expected}. "
+                    f"Received: {option}={value!r}"
+                )
+        check_path(self.data)
+        return self
 
     def resolved(self) -> MnistConfig:
         """Fills the quick mode's smaller sizes where none was given.
