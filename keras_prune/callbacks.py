@@ -247,6 +247,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self.layer_schedules: dict[str | None, PruningSchedule] = {}
         self._cut_masks: dict[tuple[int, str], np.ndarray] = {}
         self._warned_full: set[tuple[str, str]] = set()
+        self._warned_bounds = False
         self._applied: dict[str | None, float] = {}
         self._cut_masks_owner: Any = None
         self._epoch_start_step = 0
@@ -442,6 +443,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             min_kept=[0.0 if v is None else v for v in mins],
             max_kept=[1.0 if v is None else v for v in maxs],
         )
+        self._warn_if_bounds_win(sparsity, new)
         by_layer: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
         for (layer, key, _, _), before, after in zip(entries, old, new, strict=True):
             left = int(np.count_nonzero(after))
@@ -457,6 +459,26 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 by_layer.setdefault(id(layer), (layer, {}))[1][key] = after
         for layer, changed in by_layer.values():
             self._apply(layer, changed)
+
+    def _warn_if_bounds_win(self, sparsity: float, masks: list[np.ndarray]) -> None:
+        """Says once when `min_kept`/`max_kept` (or weights pruned before)
+        move the global cut off its scheduled sparsity by more than a weight."""
+        total = sum(mask.size for mask in masks)
+        reached = 1.0 - sum(int(np.count_nonzero(m)) for m in masks) / total
+        if self._warned_bounds or abs(reached - sparsity) <= 1.0 / total:
+            return
+        self._warned_bounds = True
+        why = (
+            "the floors (`min_kept`, and one weight per tensor) keep more "
+            "weights than that"
+            if reached < sparsity
+            else "the `max_kept` caps (or earlier, deeper cuts) prune more"
+        )
+        warnings.warn(
+            f'scope="global" reached a sparsity of {reached:.4f} instead of the '
+            f"scheduled {sparsity:.4f}: {why}.",
+            stacklevel=3,
+        )
 
     @staticmethod
     def prune_layer(layer: MaskedLayer, sparsity: float) -> None:

@@ -631,3 +631,21 @@ def test_numpy_numbers_are_numbers_and_bounds_must_be_ordered():
         r"max_kept=0\.1$",
     ):
         IterativePruningCallback(0.9, scope="global", min_kept=0.5, max_kept=0.1)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "reached", "why"),
+    [
+        ({"min_kept": 0.5}, "0.5000", r"the floors \(`min_kept`"),
+        ({"max_kept": 0.05}, "0.95", "the `max_kept` caps"),
+    ],
+)
+def test_global_bounds_that_move_the_target_say_so(bounds, reached, why):
+    model = small_model()
+    x, y = data()
+    with pytest.warns(UserWarning, match=rf"reached a sparsity of {reached}.*{why}"):
+        model.fit(
+            x, y, epochs=1, verbose=0,
+            callbacks=[IterativePruningCallback(0.9, "constant", scope="global",
+                                                **bounds)],
+        )  # fmt: skip
