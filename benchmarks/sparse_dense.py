@@ -1,6 +1,8 @@
 """Dense vs SparseDense, measured side by side in one process.
 
-Prints markdown tables of medians over interleaved repetitions:
+Prints the machine (CPU model and vector flags: the native kernel's speed
+depends on them), then markdown tables of medians over interleaved
+repetitions:
 
 1. Layers: `Dense` against what `export_sparse` makes of it (`auto`), and
    against `SparseDense` forced to each kernel (keras_prune's `native`,
@@ -269,8 +271,28 @@ def convnet_table(times, images, difference):
     )
 
 
+def cpu_description():
+    """The CPU's model name and the vector flags the kernels care about, from
+    /proc/cpuinfo (Linux); the architecture alone elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            lines = file.read().splitlines()
+    except OSError:
+        return platform.machine()
+    fields = {}
+    for line in lines:  # the first processor's fields: "key<tabs>: value"
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", "")
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512vl")
+    vector = " ".join(flag for flag in wanted if flag in flags) or "no AVX2"
+    return f"{model or platform.machine()} ({vector})"
+
+
 def environment():
     return (
+        f"CPU: {cpu_description()}; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
         f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}, keras_prune {kp.__version__}; "
