@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(error)
 
     from keras_prune.experiments import mnist, report
-    from keras_prune.experiments.progress import RunFolder
+    from keras_prune.experiments.progress import CSV, RunFolder
 
     try:
         folder = RunFolder(config.out, mnist.settings(config), resume=args.resume)
@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         path = report.write_partial_report(
             config, folder.rows, folder.seconds(), config.out
         )
-        written = " and ".join(
-            p for p in (path, folder.file("rounds.csv")) if os.path.exists(p)
-        )
+        written = " and ".join(p for p in (path, folder.file(CSV)) if os.path.exists(p))
         print(
             f"\nStopped. What was finished is in {written}; rerun with "
             "--resume to continue.",

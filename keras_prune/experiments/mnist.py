@@ -385,7 +385,7 @@ def run(
             epoch, 0 silent). Defaults to `2`.
         folder: Where to record progress, or `None` for
             `RunFolder(config.out, settings(config))`, which refuses a folder
-            holding an unfinished run. Defaults to `None`.
+            holding a run. Defaults to `None`.
 
     Returns:
         A `MnistResult`.
@@ -393,8 +393,7 @@ def run(
     Raises:
         RuntimeError: If TensorFlow or matplotlib is missing, or Keras runs
             on another backend (before anything is trained).
-        FileExistsError: If `folder` is `None` and `config.out` holds an
-            unfinished run.
+        FileExistsError: If `folder` is `None` and `config.out` holds a run.
 
     Example:
 

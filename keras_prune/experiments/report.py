@@ -15,6 +15,7 @@ from keras_prune.experiments.mnist import (
     Round,
     versions,
 )
+from keras_prune.experiments.progress import CSV
 
 
 def _seed_accuracy(kept: float) -> float | None:
@@ -137,7 +138,7 @@ def write_report(result: MnistResult, folder: str) -> dict[str, str]:
     os.makedirs(folder, exist_ok=True)
     paths = {
         "report": os.path.join(folder, "report.md"),
-        "csv": os.path.join(folder, "rounds.csv"),
+        "csv": os.path.join(folder, CSV),
         "plot": os.path.join(folder, "accuracy_vs_kept.png"),
     }
     minutes = result.wall_seconds / 60
