@@ -28,6 +28,7 @@ else:
 
 if _keras_error is None:
     from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
+    from keras_prune.compact import CompactStorage, compact_class
     from keras_prune.convert import (
         ConversionEntry,
         ConversionReport,
@@ -72,6 +73,7 @@ __version__ = "0.2.0"
 __all__ = [
     "PRUNABLE_WEIGHTS",
     "ConstantSchedule",
+    "CompactStorage",
     "ConversionEntry",
     "ConversionReport",
     "DropoutScalingCallback",
@@ -86,6 +88,7 @@ __all__ = [
     "PruningSchedule",
     "SparseDense",
     "SparsitySummary",
+    "compact_class",
     "conversion_report",
     "export_sparse",
     "global_magnitude_masks",

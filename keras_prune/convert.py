@@ -1,6 +1,7 @@
 """Model converters: `make_prunable` (stock layers -> masked layers),
 `strip_pruning` (masked layers -> stock layers holding `weight * mask`) and
-`export_sparse` (large sparse Dense layers -> `SparseDense`).
+`export_sparse` (pruned layers -> `SparseDense` or compactly stored stock
+layers).
 
 None of them mutates its input unless asked to (`inplace=True`). Copies are
 made through Keras's own saving format with the model's live functions and
@@ -22,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_prune.compact import compact_in_place
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedContainer,
     MaskedDense,
@@ -31,6 +33,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     is_prunable,
     layer_labels,
     mask_in_place,
+    masked_layers,
     masked_paths,
     unmask_in_place,
 )
@@ -492,41 +495,52 @@ EXPORT_COMPUTE = ("auto", "dense", "native", "coo", "csr")
 
 
 def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
-    """Returns a copy of `model` made deployable: masks gone, large sparse
-    Dense layers stored and multiplied sparse.
+    """Returns a copy of `model` made deployable: masks gone, every pruned
+    layer stored as its nonzeros, each computing the fastest way it can.
 
-    Every masked layer becomes its stock class holding `weight * mask`
-    (see `strip_pruning`). A masked Dense layer sparse and large enough for
-    the sparse kernels to pay off (at most `sparse_ops.DENSE_MIN_DENSITY`
-    of its weights kept, and at least `sparse_ops.SPARSE_MIN_WEIGHTS`
-    weights, ten times more without the native kernel; see
-    `sparse_ops.pays_off`) becomes a `SparseDense` that holds only the
-    nonzeros and multiplies with the sparse kernels; any other stays a
-    plain `keras.layers.Dense`, since a dense matmul is as fast there: an
-    exported layer is never slower than the `Dense` it replaces. Predictions
-    equal the masked model's up to float32 round-off. The input model is
-    not changed. `SparseDense` needs the TensorFlow backend.
+    - A pruned `Dense` of a Sequential or Functional graph becomes a
+      `SparseDense`: it holds only the nonzeros and runs the sparse kernels
+      where they beat a dense matmul for its size and density, else a
+      dense matmul on a kernel rebuilt once at load (`compute="auto"`,
+      TensorFlow's kernels only on the TensorFlow backend); so an exported
+      layer is never slower than the `Dense` it replaces.
+    - Every other pruned layer (convolutions, embeddings, recurrent and
+      attention layers, layers inside wrappers or custom layers, and all
+      layers of a subclassed model) becomes its stock class with compact
+      storage (`keras_prune.compact`): it computes as the stock layer, and
+      its `.keras` entry holds only the nonzeros.
+    - Masked layers with nothing pruned become their stock class.
+
+    The `.keras` file of the export therefore shrinks with the kept
+    fraction of every pruned layer (about 13% of the dense size at 10%
+    kept). Predictions equal the masked model's up to float32 round-off.
+    The input model is not changed. Loading the file needs keras_prune
+    (imported) for the `SparseDense` and `Compact*` classes.
 
     Args:
-        model: A Sequential or Functional `keras.Model` (any model with
-            `compute="dense"`, which only strips the masks).
-        compute: `"auto"` as above; `"native"`, `"coo"` or `"csr"` to make
-            every masked Dense a `SparseDense` forced to that kernel
-            (`"coo"` and `"csr"` are TensorFlow's own ops: plain TensorFlow
-            serves their SavedModels); `"dense"` to make every masked layer
-            its stock class. Defaults to `"auto"`.
+        model: A `keras.Model` of any kind.
+        compute: How the `SparseDense` layers compute: `"auto"` as above;
+            `"dense"` always a dense matmul (any backend); `"native"`,
+            `"coo"` or `"csr"` to force that sparse kernel (TensorFlow
+            only; `"coo"` and `"csr"` are TensorFlow's own ops, so plain
+            TensorFlow serves their SavedModels). Defaults to `"auto"`.
 
     Returns:
-        A new, uncompiled `keras.Model`, ready for `predict`, `save` and
-        `export` (no optimizer state goes into its files). Compile it to
-        `evaluate` or fine-tune it.
+        A new `keras.Model`, ready for `predict`, `save` and `export` (no
+        optimizer state goes into its files); a Sequential or Functional
+        one is uncompiled: compile it to `evaluate` or fine-tune it.
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
-        ValueError: If `compute` is not one of the above, or a subclassed
-            model would need `SparseDense` layers.
-        RuntimeError: If `SparseDense` layers are needed off the TensorFlow
-            backend.
+        ValueError: If `compute` is not one of the above, or a masked layer
+            is not built.
+        RuntimeError: If `compute` forces a sparse kernel off the
+            TensorFlow backend.
+
+    Warns:
+        UserWarning: Naming each pruned `Dense` that would run a sparse
+            kernel but cannot become a `SparseDense` (inside a wrapper, a
+            custom layer or a subclassed model): it computes dense.
 
     Example:
 
@@ -534,11 +548,11 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     >>> mask = np.zeros((100, 2))
     >>> mask[:5] = 1
     >>> model.layers[0].prune_to(mask)
-    >>> type(export_sparse(model).layers[0]).__name__  # too small to gain
-    'Dense'
-    >>> sparse = export_sparse(model, compute="coo")
-    >>> type(sparse.layers[0]).__name__, sparse.layers[0].nnz
-    ('SparseDense', 10)
+    >>> layer = export_sparse(model).layers[0]
+    >>> type(layer).__name__, layer.nnz, layer.compute_path(1)  # too small to gain
+    ('SparseDense', 10, 'dense')
+    >>> export_sparse(model, compute="coo").layers[0].compute_path(1)
+    'coo'
     """
     _check_model(model, "export_sparse")
     if compute not in EXPORT_COMPUTE:
@@ -552,38 +566,36 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
                 "Expected every masked layer to be built before export. "
                 f"Received: layer {layer.name!r}, not built"
             )
-    if compute != "dense":
+    if compute not in ("auto", "dense"):
         from keras_prune.inference.backend import tensorflow_module
 
         tensorflow_module(f"export_sparse(compute={compute!r})")
-    candidates = _sparse_candidates(model, compute)
-    if candidates and not is_graph_model(model):
-        raise ValueError(
-            "export_sparse can swap in SparseDense layers only in Sequential and "
-            "Functional models. Received: model="
-            f"{model.name!r} of type {type(model).__name__}. Use "
-            'compute="dense" (or strip_pruning) to get a stock model.'
-        )
     graph = {
         id(layer)
         for owner in model._flatten_layers(include_self=True)
         if is_graph_model(owner)
         for layer in owner.layers
     }
-    deep = [layer.name for layer in candidates if id(layer) not in graph]
-    if deep:
+    dense = [
+        layer
+        for layer in _pruned(model)
+        if isinstance(layer, keras.layers.Dense)
+        and not layer.lora_enabled
+        and layer.quantization_mode is None
+    ]
+    sparse = {id(layer) for layer in dense if id(layer) in graph}
+    slower = [
+        layer.name
+        for layer in dense
+        if id(layer) not in sparse and _would_run_sparse(layer, compute)
+    ]
+    if slower:
         warnings.warn(
-            f"export_sparse keeps {deep} as Dense: SparseDense replaces layers of "
-            "a Sequential or Functional graph, not layers inside wrappers or "
-            "custom layers.",
+            f"export_sparse stores {slower} compactly but computes them dense: "
+            "SparseDense replaces layers of a Sequential or Functional graph, "
+            "not layers inside wrappers, custom layers or subclassed models.",
             stacklevel=2,
         )
-    sparse = {id(layer): layer for layer in candidates if id(layer) in graph}
-    if not sparse:
-        stripped = strip_pruning(model)
-        if stripped.compiled and is_graph_model(stripped):
-            stripped = _uncompiled(stripped)
-        return stripped
     from keras_prune.inference.sparse_dense import SparseDense
 
     def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
@@ -599,37 +611,57 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
             dtype=config["dtype"],
         )
 
-    # Masked layers that stay dense, in the graph or deeper (attention,
-    # wrappers), were copied masked: strip them on the copy.
-    return strip_pruning(_clone_functional(model, replace), inplace=True)
+    if is_graph_model(model):
+        exported = _clone_functional(model, replace)
+    else:
+        exported = copy_model(model)
+    # The copy holds the other masked layers, masked: compact the pruned
+    # ones (or the layers that make them), then strip every mask.
+    targets = _compact_targets(exported, {id(layer) for layer in _pruned(exported)})
+    strip_pruning(exported, inplace=True)
+    for target in targets:
+        compact_in_place(target)
+    return exported
 
 
-def _sparse_candidates(model: keras.Model, compute: str) -> list[Any]:
-    """The masked Dense layers sparse and large enough for `SparseDense`
-    (all of them with a forced sparse `compute`)."""
-    if compute == "dense":
-        return []
-    found = []
-    for layer in model._flatten_layers(include_self=False):
-        if not (
-            isinstance(layer, MaskedLayer) and isinstance(layer, keras.layers.Dense)
+def _pruned(model: keras.Model) -> list[MaskedLayer]:
+    """The masked layers of `model` with at least one weight pruned."""
+    return [layer for layer in masked_layers(model) if layer.sparsity > 0]
+
+
+def _would_run_sparse(layer: MaskedLayer, compute: str) -> bool:
+    """Whether a `SparseDense` made from `layer` would run a sparse kernel."""
+    if compute == "dense" or keras.backend.backend() != "tensorflow":
+        return False
+    if compute != "auto":
+        return True
+    from keras_prune.inference import sparse_ops
+
+    mask = ops.convert_to_numpy(layer.masks["kernel"])
+    return sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size)
+
+
+def _compact_targets(model: keras.Model, pruned: set[int]) -> list[Any]:
+    """The layers to give compact storage so that every pruned layer is
+    stored compactly and reads back: each pruned layer that its parent's
+    config recreates (graph models, wrappers, `RNN` with its cell), else the
+    highest layer that makes it itself (an `LSTM`'s cell, attention
+    projections, a custom block's layers, a subclassed model's)."""
+
+    def holds(layer: Any) -> bool:
+        return any(
+            id(sublayer) in pruned
+            for sublayer in layer._flatten_layers(include_self=True, recursive=True)
+        )
+
+    if not carries_sublayer_configs(model):
+        return [model] if holds(model) else []
+    targets = []
+    for child in model._flatten_layers(include_self=False, recursive=False):
+        if id(child) in pruned or (
+            holds(child) and not carries_sublayer_configs(child)
         ):
-            continue
-        if layer.lora_enabled or layer.quantization_mode is not None:
-            continue
-        if compute != "auto":
-            found.append(layer)
-            continue
-        from keras_prune.inference import sparse_ops
-
-        mask = ops.convert_to_numpy(layer.masks["kernel"])
-        if sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size):
-            found.append(layer)
-    return found
-
-
-def _uncompiled(model: keras.Model) -> keras.Model:
-    with keras.saving.custom_object_scope(_live_objects(model)):
-        plain = model.__class__.from_config(model.get_config())
-    plain.set_weights([np.array(w) for w in model.get_weights()])
-    return plain
+            targets.append(child)
+        elif holds(child):
+            targets.extend(_compact_targets(child, pruned))
+    return targets

@@ -17,6 +17,6 @@ def test_benchmark_runs_and_prints_its_tables():
     out = result.stdout
     assert out.startswith("# SparseDense benchmark")
     assert "\nCPU: " in out  # model and vector flags, for comparing machines
-    assert "| 64x32 (Dense) | 1 | 1 |" in out  # dense kept above the crossover
-    assert "| 64x32 (Dense) | 0.01 | 32 |" in out  # and below 1M weights
+    assert "| 64x32 (dense) | 1 | 1 |" in out  # computes dense above the crossover
+    assert "| 64x32 (dense) | 0.01 | 32 |" in out  # and below 100k weights
     assert "## Whole model" in out and "one compiled call on all images" in out

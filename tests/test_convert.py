@@ -7,6 +7,7 @@ from keras import layers, ops
 from keras_prune import (
     MaskedDense,
     SparseDense,
+    compact_class,
     export_sparse,
     make_prunable,
     masked_layers,
@@ -162,9 +163,12 @@ def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute
     before = snapshot(masked)
     sparse = export_sparse(masked, compute=compute)
     assert_unchanged(masked, before)
-    kinds = {type(layer).__name__ for layer in sparse.layers}
-    # Layers this small stay Dense unless a sparse kernel is forced.
-    assert ("SparseDense" in kinds) == (compute in ("native", "coo", "csr"))
+    # Every pruned Dense is a SparseDense; layers this small compute dense
+    # unless a sparse kernel is forced.
+    for name in ("fc1", "fc2"):
+        layer = sparse.get_layer(name)
+        assert isinstance(layer, SparseDense)
+        assert layer.compute_path(1) == ("dense" if compute == "auto" else compute)
     assert not masked_layers(sparse)
     difference = np.abs(
         sparse.predict(images(), verbose=0) - masked.predict(images(), verbose=0)
@@ -179,7 +183,7 @@ def test_export_sparse_matches_masked_predictions_and_leaves_input_alone(compute
         np.testing.assert_array_equal(a, b)
     conv = [layer for layer in masked.layers if layer.name.startswith("conv2d")][0]
     exported = sparse.get_layer(conv.name)
-    assert type(exported) is layers.Conv2D
+    assert type(exported) is compact_class(layers.Conv2D)
     np.testing.assert_array_equal(
         ops.convert_to_numpy(exported.kernel),
         ops.convert_to_numpy(conv.kernel) * ops.convert_to_numpy(conv.masks["kernel"]),
@@ -268,14 +272,14 @@ ROWS = (
 @pytest.mark.parametrize(
     ("shape", "density", "expected"),
     [
-        ((ROWS, 1000), 0.05, SparseDense),
-        ((ROWS, 1000), 0.06, layers.Dense),
-        ((ROWS, 1000), 1.0, layers.Dense),
-        ((ROWS - 1, 1000), 0.01, layers.Dense),
+        ((ROWS, 1000), 0.05, "sparse"),
+        ((ROWS, 1000), 0.06, "dense"),
+        ((ROWS, 1000), 1.0, "stock"),
+        ((ROWS - 1, 1000), 0.01, "dense"),
     ],
     ids=["sparse-enough", "too-dense", "full", "too-small"],
 )
-def test_export_keeps_layers_dense_where_sparse_kernels_cannot_win(
+def test_export_computes_dense_where_sparse_kernels_cannot_win(
     shape, density, expected
 ):
     model = keras.Sequential([keras.Input((shape[0],)), MaskedDense(shape[1])])
@@ -283,7 +287,12 @@ def test_export_keeps_layers_dense_where_sparse_kernels_cannot_win(
     mask.reshape(-1)[: round(density * mask.size)] = 1
     model.layers[0].prune_to(mask)
     exported = export_sparse(model)
-    assert type(exported.layers[0]) is expected
+    layer = exported.layers[0]
+    if expected == "stock":  # nothing pruned
+        assert type(layer) is layers.Dense
+    else:
+        assert isinstance(layer, SparseDense)
+        assert (layer.compute_path(1) == "dense") == (expected == "dense")
     x = np.random.default_rng(0).normal(size=(3, shape[0])).astype("float32")
     np.testing.assert_allclose(
         exported.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-4

@@ -164,9 +164,10 @@ def test_sparse_dense_contract(tmp_path):
     )
 
 
-def test_sparse_dense_holds_only_nonzeros_as_coo_pairs_of_the_transpose():
+@pytest.mark.parametrize("compute", compute_paths("native", "coo", "csr"))
+def test_sparse_paths_hold_only_nonzeros_as_coo_pairs_of_the_transpose(compute):
     kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
-    layer = SparseDense.from_kernel(kernel, bias=np.zeros(3))
+    layer = SparseDense.from_kernel(kernel, bias=np.zeros(3), compute=compute)
     assert layer.nnz == 2
     assert {w.name: tuple(w.shape) for w in layer.weights} == {
         "values": (2,),
@@ -180,27 +181,81 @@ def test_sparse_dense_holds_only_nonzeros_as_coo_pairs_of_the_transpose():
     assert layer.sparsity == pytest.approx(4 / 6)
 
 
-def test_sparse_dense_saves_csr_with_16_bit_columns(tmp_path):
+def test_dense_path_holds_the_kernel_rebuilt_once_and_the_same_values():
     kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
-    model = keras.Sequential(
-        [keras.Input((2,)), SparseDense.from_kernel(kernel, name="sparse")]
-    )
-    model.save_weights(tmp_path / "sparse.weights.h5")
+    layer = SparseDense.from_kernel(kernel, bias=np.zeros(3))  # small: dense
+    assert layer.compute_path(1) == "dense" and layer.supports_jit
+    assert {w.name: tuple(w.shape) for w in layer.weights} == {
+        "kernel": (2, 3),
+        "indices": (2, 2),
+        "bias": (3,),
+    }
+    np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+    np.testing.assert_array_equal(to_numpy(layer.values), [3.0, 2.0])
+    np.testing.assert_array_equal(layer.dense_kernel(), kernel)
+
+
+def saved_arrays(model, tmp_path):
     import h5py
 
+    model.save_weights(tmp_path / "model.weights.h5")
     arrays = {}
 
     def collect(name, item):
         if isinstance(item, h5py.Dataset):
             arrays[name.split("/")[-1]] = item[()]
 
-    with h5py.File(tmp_path / "sparse.weights.h5") as file:
+    with h5py.File(tmp_path / "model.weights.h5") as file:
         file.visititems(collect)
-    assert arrays["columns"].dtype == np.uint16
-    np.testing.assert_array_equal(arrays["columns"], [1, 0])
-    np.testing.assert_array_equal(arrays["row_splits"], [0, 1, 2, 2])
-    np.testing.assert_array_equal(arrays["values"], [3.0, 2.0])
-    assert "indices" not in arrays
+    return arrays
+
+
+@pytest.mark.parametrize("compute", compute_paths("dense", "coo"))
+def test_sparse_dense_saves_only_the_nonzeros(tmp_path, compute):
+    kernel = np.zeros((100, 3), "float32")
+    kernel[1, 0], kernel[0, 1], kernel[99, 2] = 3.0, 2.0, 5.0
+    model = keras.Sequential(
+        [keras.Input((100,)), SparseDense.from_kernel(kernel, compute=compute)]
+    )
+    arrays = saved_arrays(model, tmp_path)
+    # Positions in the (units, input_dim) transpose: 1, 100, 299.
+    assert sorted(arrays) == ["gaps", "shape", "values"]
+    np.testing.assert_array_equal(arrays["gaps"], [1, 99, 199])
+    assert arrays["gaps"].dtype == np.uint8
+    np.testing.assert_array_equal(arrays["values"], [3.0, 2.0, 5.0])
+    np.testing.assert_array_equal(arrays["shape"], [3, 100])
+
+
+def test_sparse_dense_reads_the_csr_arrays_of_earlier_files():
+    # keras_prune 0.1 and 0.2 wrote CSR over units with 16-bit columns.
+    layer = SparseDense(3, nnz=2, use_bias=False)
+    layer.build((None, 2))
+    layer.load_own_variables(
+        {
+            "values": np.array([3.0, 2.0], "float32"),
+            "row_splits": np.array([0, 1, 2, 2], "int32"),
+            "columns": np.array([1, 0], "uint16"),
+        }
+    )
+    np.testing.assert_array_equal(
+        layer.dense_kernel(), [[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]]
+    )
+
+
+def test_sparse_dense_refuses_a_saved_kernel_of_another_shape():
+    layer = SparseDense(3, nnz=1, use_bias=False)
+    layer.build((None, 2))
+    with pytest.raises(
+        ValueError,
+        match=r"has a \(2, 3\) kernel\. Received: a saved kernel of shape \(4, 3\)",
+    ):
+        layer.load_own_variables(
+            {
+                "shape": np.array([3, 4]),
+                "values": np.ones(1, "float32"),
+                "gaps": np.array([5], "uint8"),
+            }
+        )
 
 
 def random_sparse_kernel(shape, density, seed=0):
@@ -224,7 +279,9 @@ def edge_kernels():
     }
 
 
-@pytest.mark.parametrize("compute", compute_paths("auto", "native", "coo", "csr"))
+@pytest.mark.parametrize(
+    "compute", compute_paths("auto", "dense", "native", "coo", "csr")
+)
 @pytest.mark.parametrize("name", list(edge_kernels()))
 @pytest.mark.parametrize(
     "input_shape",
@@ -277,28 +334,55 @@ def test_sparse_dense_serves_unknown_batch_sizes(batch, dtype):
     np.testing.assert_allclose(serve(x).numpy(), x @ kernel, rtol=1e-5, atol=1e-6)
 
 
-def test_compute_path_is_native_in_float32_else_follows_batch_size():
-    layer = SparseDense.from_kernel(np.eye(4))
+def seed_layer(density, **kwargs):
+    """The seed network's fc1, 3136 x 1024, keeping `density`."""
+    return SparseDense.from_kernel(
+        random_sparse_kernel((3136, 1024), density), **kwargs
+    )
+
+
+def test_auto_computes_sparse_only_where_it_pays():
+    large = seed_layer(0.01)
     expected = ["native"] * 3 if native.available() else ["coo", "csr", "auto"]
-    assert [layer.compute_path(b) for b in (1, 256, None)] == expected
-    double = SparseDense.from_kernel(np.eye(4), dtype="float64")
+    assert [large.compute_path(b) for b in (1, 256, None)] == expected
+    assert not large.supports_jit
+    double = seed_layer(0.01, dtype="float64")
     assert [double.compute_path(b) for b in (1, 4, 5, 256, None)] == [
         "coo", "coo", "csr", "csr", "auto"]  # fmt: skip
+    # Too dense (30% kept) or too small (16 weights): a dense matmul wins.
+    assert seed_layer(0.3).compute_path(1) == "dense"
+    assert SparseDense.from_kernel(np.eye(4)).compute_path(1) == "dense"
     forced = SparseDense.from_kernel(np.eye(4), compute="csr")
     assert forced.compute_path(1) == "csr"
+    assert seed_layer(0.01, compute="dense").compute_path(1) == "dense"
+
+
+def test_dense_path_fine_tunes_only_the_stored_weights():
+    kernel = np.array([[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]], "float32")
+    layer = SparseDense.from_kernel(kernel, compute="dense")
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    model.fit(x, np.ones((16, 2)), epochs=2, verbose=0)
+    trained = to_numpy(layer.kernel)
+    np.testing.assert_array_equal(trained == 0, kernel == 0)
+    assert not np.array_equal(trained, kernel)
+    np.testing.assert_array_equal(to_numpy(layer.values), trained[[1, 0], [0, 1]])
 
 
 def test_sparse_dense_refuses_unknown_compute():
     with pytest.raises(
         ValueError,
         match=r"^Expected `compute` to be one of "
-        r"\['auto', 'native', 'coo', 'csr'\]\. "
+        r"\['auto', 'dense', 'native', 'coo', 'csr'\]\. "
         r"Received: compute='gpu'$",
     ):
         SparseDense(3, compute="gpu")
 
 
-@pytest.mark.parametrize("compute", compute_paths("auto", "native", "coo", "csr"))
+@pytest.mark.parametrize(
+    "compute", compute_paths("auto", "dense", "native", "coo", "csr")
+)
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("batch", [1, 5, 130])
 def test_sparse_dense_under_mixed_precision_computes_in_half_precision_out(
@@ -320,7 +404,7 @@ def test_sparse_dense_under_mixed_precision_computes_in_half_precision_out(
 
 
 def test_mixed_precision_layers_choose_the_native_kernel_where_it_exists():
-    layer = SparseDense.from_kernel(np.eye(3), dtype="mixed_float16")
+    layer = seed_layer(0.01, dtype="mixed_float16")
     assert layer.compute_path(8) == ("native" if native.available() else "csr")
 
 

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_prune.inference import native, sparse_ops
+from keras_prune.inference import native
+from keras_prune.inference.sparse_dense import coo_from_kernel
 from tests.kernels import needs_native as needs_kernel
 
 
 def coo(kernel):
-    values, indices = sparse_ops.coo_from_kernel(np.asarray(kernel, "float32"))
+    values, indices = coo_from_kernel(np.asarray(kernel, "float32"))
     return tf.constant(values), tf.constant(indices)
 
 
@@ -151,9 +152,12 @@ FALLBACK_SCRIPT = """
     from keras_prune import SparseDense
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layer = SparseDense.from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
+        # 10^6 weights, 2 kept: sparse even with TensorFlow's kernels.
+        kernel = np.zeros((1000, 1000), "float32")
+        kernel[0, 1], kernel[1, 0] = 2.0, 3.0
+        layer = SparseDense.from_kernel(kernel)
         print(layer.compute_path(1), layer.compute_path(64))
-        print(layer(np.ones((1, 2), "float32")).numpy().tolist())
+        print(layer(np.ones((1, 1000), "float32")).numpy()[:, :2].tolist())
     print([str(warning.message) for warning in caught])
 """
 
@@ -187,8 +191,8 @@ def test_saved_model_with_the_native_kernel_serves_in_a_fresh_process(tmp_path):
     from keras_prune import SparseDense
 
     kernel = np.array([[0.0, 2.0], [3.0, 0.0], [0.0, -1.0]], "float32")
-    model = keras.Sequential([keras.Input((3,)), SparseDense.from_kernel(kernel)])
-    assert model.layers[0].compute_path(None) == "native"
+    layer = SparseDense.from_kernel(kernel, compute="native")
+    model = keras.Sequential([keras.Input((3,)), layer])
     model.export(str(tmp_path / "served"), verbose=False)
     stdout, _ = run_python(
         f"""

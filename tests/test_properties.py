@@ -191,14 +191,15 @@ def test_exported_model_predicts_what_the_masked_model_predicts(compute, case):
         compute == "auto"
         and sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size)
     )
-    if goes_sparse:
-        assert type(new) is kp.SparseDense
-        assert new.compute == compute
-        assert new.nnz == np.count_nonzero(mask)
-        np.testing.assert_array_equal(new.dense_kernel(), masked_kernel)
-    else:
+    if mask.all():  # nothing pruned: the stock layer
         assert type(new) is keras.layers.Dense
         np.testing.assert_array_equal(to_numpy(new.kernel), masked_kernel)
+    else:
+        assert type(new) is kp.SparseDense
+        assert new.compute == compute
+        assert (new.compute_path(case.batch) != "dense") == goes_sparse
+        assert new.nnz == np.count_nonzero(mask)
+        np.testing.assert_array_equal(new.dense_kernel(), masked_kernel)
     np.testing.assert_array_equal(to_numpy(new.bias), bias)
 
     batch_size = case.predict_batch or case.batch

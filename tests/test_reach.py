@@ -183,27 +183,46 @@ def test_subclassed_model_is_pruned_saved_and_stripped(inplace, tmp_path):
     assert kp.sparsity_summary(prunable).sparsity == pytest.approx(0.8, abs=0.01)
     assert type(prunable).__name__ == "MaskedSubclassed"
     assert_round_trip(prunable, x, tmp_path)
-    stripped = kp.export_sparse(prunable, compute="dense")
+    stripped = kp.strip_pruning(prunable)
     assert not kp.masked_layers(stripped)
     assert type(stripped).__name__ == "Subclassed"
     np.testing.assert_allclose(
         stripped.predict(x, verbose=0), prunable.predict(x, verbose=0), atol=1e-6
     )
+    # Exported: stock computation, compact storage of every pruned weight.
+    exported = kp.export_sparse(prunable)
+    assert type(exported).__name__ == "CompactSubclassed"
+    assert [type(layer).__name__ for layer in exported._flatten_layers()][1:] == [
+        "CompactEmbedding", "CompactConv1D", "GlobalMaxPooling1D", "CompactDense"
+    ]  # fmt: skip
+    np.testing.assert_allclose(
+        exported.predict(x, verbose=0), prunable.predict(x, verbose=0), atol=1e-6
+    )
+    exported.save(tmp_path / "exported.keras")
+    loaded = keras.models.load_model(tmp_path / "exported.keras")
+    np.testing.assert_array_equal(
+        loaded.predict(x, verbose=0), exported.predict(x, verbose=0)
+    )
 
 
-def test_export_sparse_explains_what_a_subclassed_model_needs():
+def test_export_sparse_says_which_dense_layers_cannot_run_sparse_kernels():
     if keras.backend.backend() != "tensorflow":
         pytest.skip("off TensorFlow, export_sparse first names the backend")
     model = kp.make_prunable(Subclassed())
     model.predict(tokens(), verbose=0)
-    with pytest.raises(
-        ValueError,
-        match=r"^export_sparse can swap in SparseDense layers only in Sequential "
-        r"and Functional models\. Received: model='subclassed(_\d+)?' of type "
-        r"MaskedSubclassed\. Use compute=\"dense\" \(or strip_pruning\) to get a stock "
-        r"model\.$",
+    model.head.prune_to(np.eye(8, 2))
+    with pytest.warns(
+        UserWarning,
+        match=r"^export_sparse stores \['dense(_\d+)?'\] compactly but computes "
+        r"them dense: SparseDense replaces layers of a Sequential or Functional "
+        r"graph, not layers inside wrappers, custom layers or subclassed models\.$",
     ):
-        kp.export_sparse(model, compute="coo")
+        exported = kp.export_sparse(model, compute="coo")
+    np.testing.assert_allclose(
+        exported.predict(tokens(), verbose=0),
+        model.predict(tokens(), verbose=0),
+        atol=1e-6,
+    )
 
 
 def test_sequential_without_input_is_pruned_once_built():
@@ -468,14 +487,14 @@ def test_make_prunable_wants_layer_names_not_layer_objects():
         kp.make_prunable(model, layers=[model.layers[0]])
 
 
-def test_export_sparse_names_the_backend_off_tensorflow():
+def test_export_sparse_names_the_backend_for_a_sparse_kernel_off_tensorflow():
     if keras.backend.backend() == "tensorflow":
-        pytest.skip("the TensorFlow backend runs export_sparse")
+        pytest.skip("the TensorFlow backend runs every kernel")
     model = kp.make_prunable(keras.Sequential([keras.Input((2,)), L.Dense(1)]))
     with pytest.raises(
         RuntimeError,
-        match=r"^export_sparse\(compute='auto'\) needs the TensorFlow backend of "
+        match=r"^export_sparse\(compute='coo'\) needs the TensorFlow backend of "
         r"Keras",
     ):
-        kp.export_sparse(model)
-    assert type(kp.export_sparse(model, compute="dense").layers[0]) is L.Dense
+        kp.export_sparse(model, compute="coo")
+    assert type(kp.export_sparse(model).layers[0]) is L.Dense  # nothing pruned

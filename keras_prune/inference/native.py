@@ -195,7 +195,7 @@ def sparse_matmul(
         inputs: float32 tensor `(batch, input_dim)`.
         values: float32 tensor `(nnz,)`.
         indices: int64 tensor `(nnz, 2)` of `(unit, input)` pairs sorted by
-            unit, as `sparse_ops.coo_from_kernel` makes them.
+            unit, as `sparse_dense.coo_from_kernel` makes them.
         units: Columns of `W`.
 
     Raises:

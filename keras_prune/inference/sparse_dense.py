@@ -1,9 +1,11 @@
-"""`SparseDense`: a Dense layer that stores and multiplies only its nonzeros.
+"""`SparseDense`: a Dense layer that stores only its nonzeros and computes
+the fastest way for its shape and density.
 
-The layer class is importable on any backend (so that `.keras` files that
-hold it can be read), but computing with it needs TensorFlow: its kernels
-(`keras_prune.inference.sparse_ops`, `keras_prune.inference.native`) are
-imported on first use.
+The layer works on every backend: where the sparse kernels do not pay (or
+off TensorFlow) it multiplies a dense kernel rebuilt once from the nonzeros
+when it is built or loaded. Its sparse kernels
+(`keras_prune.inference.sparse_ops`, `keras_prune.inference.native`) need
+TensorFlow and are imported on first use.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import keras
 import numpy as np
 from keras import activations, ops
 
+from keras_prune import storage
 from keras_prune.inference.backend import tensorflow_module
 
-# The kernels a `SparseDense` can run (see `keras_prune.inference.sparse_ops`).
+# The sparse kernels a `SparseDense` can run (see
+# `keras_prune.inference.sparse_ops`), and every value of `compute`.
 PATHS = ("native", "coo", "csr")
+COMPUTE = ("auto", "dense", *PATHS)
 # Dtypes the native kernel takes (it computes in float32).
 NATIVE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -29,6 +34,71 @@ def _sparse_ops() -> Any:
     from keras_prune.inference import sparse_ops
 
     return sparse_ops
+
+
+def coo_from_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns `(values, indices)`: the nonzeros of `kernel.T` in row-major order.
+
+    Args:
+        kernel: A 2-D array of shape `(input_dim, units)`.
+
+    Returns:
+        `values`, shape `(nnz,)`, and `indices`, int64 `(nnz, 2)` pairs of
+        `(unit, input)`.
+
+    Example:
+
+    >>> values, indices = coo_from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
+    >>> values, indices.tolist()
+    (array([3., 2.]), [[0, 1], [1, 0]])
+    """
+    transposed = np.asarray(kernel).T
+    units, inputs = np.nonzero(transposed)
+    indices = np.stack([units, inputs], axis=1).astype(np.int64).reshape(-1, 2)
+    return transposed[units, inputs], indices
+
+
+def kernel_from_coo(
+    values: np.ndarray, indices: np.ndarray, input_dim: int, units: int
+) -> np.ndarray:
+    """Rebuilds the dense `(input_dim, units)` kernel from COO pairs of its
+    transpose.
+
+    Example:
+
+    >>> kernel_from_coo(np.array([3.0, 2.0]), np.array([[0, 1], [1, 0]]), 2, 2)
+    array([[0., 2.],
+           [3., 0.]])
+    """
+    kernel = np.zeros((input_dim, units), dtype=np.asarray(values).dtype)
+    indices = np.asarray(indices).reshape(-1, 2)
+    kernel[indices[:, 1], indices[:, 0]] = values
+    return kernel
+
+
+def _coo_from_csr(row_splits: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """COO pairs from the CSR arrays of keras_prune 0.1 and 0.2 files."""
+    units = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
+    return np.stack([units, np.asarray(columns)], axis=1).astype(np.int64)
+
+
+class _KeepPattern:
+    """Constraint of the dense-path kernel: weights outside the stored
+    pattern stay zero under fine-tuning (`scatter(gather(kernel))`)."""
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+
+    def __call__(self, kernel: Any) -> Any:
+        indices = ops.flip(self.layer.indices, axis=1)  # (input, unit) pairs
+        kept = ops.take(ops.reshape(kernel, (-1,)), _flat_positions(self.layer))
+        return ops.scatter(indices, kept, ops.shape(kernel))
+
+
+def _flat_positions(layer: Any) -> Any:
+    """Flat positions of the stored weights in the `(input_dim, units)`
+    kernel."""
+    return layer.indices[:, 1] * layer.units + layer.indices[:, 0]
 
 
 def _validate_units(units: Any) -> int:
@@ -48,39 +118,61 @@ def _add_bias_and_activate(layer: Any, outputs: Any) -> Any:
     return outputs
 
 
+def _sparse_pays(layer: Any) -> bool:
+    """Whether `compute="auto"` runs a sparse kernel for `layer` (TensorFlow
+    only, where `sparse_ops.pays_off` says so for its size and density)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    weights = layer.input_dim * layer.units
+    return bool(weights) and _sparse_ops().pays_off(layer.nnz / weights, weights)
+
+
 @keras.saving.register_keras_serializable(package="keras_prune")
 class SparseDense(keras.layers.Layer):
-    """A `Dense` layer that stores and multiplies only its nonzero weights.
+    """A `Dense` layer that stores only its nonzero weights and computes the
+    fastest way for its shape and density.
 
     The layer computes `activation(inputs @ kernel + bias)`, for inputs of
-    any rank >= 2, with sparse kernels. No dense copy of the kernel exists:
-    in memory it is `values` (the nonzeros) and `indices` (int64
-    `(unit, input)` pairs sorted by unit, which every kernel takes as they
-    are); in a
-    `.keras` file it is compressed sparse rows with 16- or 32-bit columns, 6
-    bytes a nonzero. It is usually made by `export_sparse`, or from a dense
+    any rank >= 2. Its file holds only the nonzeros: in a `.keras` file the
+    kernel is its nonzero values plus a bitmask or 8/16-bit gaps (see
+    `keras_prune.storage`), about 13% of the dense kernel at 10% kept and
+    1.5% at 0.23%. It is usually made by `export_sparse`, or from a dense
     kernel with `from_kernel`.
 
-    Three kernels are available: `"native"`, keras_prune's own multi-threaded
-    kernel (compiled on first use, see `keras_prune.inference.native`; the fastest at
-    every batch size), and TensorFlow's `"coo"` (`sparse_dense_matmul`,
-    best for small batches) and `"csr"` (`SparseMatrixMatMul`, best for
-    larger ones). With `compute="auto"` the layer uses `"native"` when it is
-    available, else picks between TensorFlow's by batch size;
-    `layer.compute_path(batch_size)` says which. Force `"coo"` or `"csr"`
-    for a SavedModel that plain TensorFlow (without keras_prune) serves.
+    How it computes (`compute`):
 
-    XLA cannot compile sparse ops, so the layer sets `supports_jit = False`;
-    Keras then runs the model without XLA.
+    - `"dense"`: a plain matmul on a dense kernel rebuilt from the nonzeros
+      once, when the layer is built or loaded (never per call). Works on
+      every backend.
+    - `"native"`: keras_prune's own multi-threaded sparse kernel (compiled
+      on first use, see `keras_prune.inference.native`; the fastest sparse
+      kernel at every batch size). TensorFlow only.
+    - `"coo"` and `"csr"`: TensorFlow's `sparse_dense_matmul` (best for
+      small batches) and `SparseMatrixMatMul` (best for larger ones), both
+      TensorFlow's own ops, so plain TensorFlow serves their SavedModels.
+    - `"auto"` (default): the sparse kernels where they beat a dense matmul
+      for this size and density (`sparse_ops.pays_off`: at most 5% kept
+      and at least 100,000 weights with the native kernel), choosing the
+      kernel by batch size; `"dense"` otherwise and on backends other than
+      TensorFlow. So the layer is never slower than the `Dense` it replaces.
+
+    `layer.compute_path(batch_size)` says which runs. In memory a sparse
+    path holds `values` (the nonzeros) and `indices` (int64 `(unit, input)`
+    pairs sorted by unit, which every sparse kernel takes as they are); the
+    dense path holds `kernel` (dense) and `indices`, and a constraint keeps
+    the weights outside `indices` at zero when it is fine-tuned.
+
+    XLA cannot compile sparse ops, so a layer on a sparse path sets
+    `supports_jit = False`; Keras then runs the model without XLA.
 
     Args:
         units: Positive integer, dimensionality of the output space.
-        nnz: Number of nonzero kernel weights. Defaults to `0`.
+        nnz: Number of stored kernel weights. Defaults to `0`.
         activation: Activation function, or `None` for linear. Defaults to
             `None`.
         use_bias: Whether the layer adds a bias vector. Defaults to `True`.
-        compute: `"auto"`, `"native"`, `"coo"` or `"csr"`. Defaults to
-            `"auto"`.
+        compute: `"auto"`, `"dense"`, `"native"`, `"coo"` or `"csr"`.
+            Defaults to `"auto"`.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -89,13 +181,19 @@ class SparseDense(keras.layers.Layer):
     Output shape:
         N-D tensor with shape `(batch_size, ..., units)`.
 
+    Raises:
+        ValueError: For a bad `units`, `nnz` or `compute`, or
+            `compute="native"` with a dtype other than float32, float16 or
+            bfloat16.
+        RuntimeError: When a sparse path runs off the TensorFlow backend.
+
     Example:
 
     >>> layer = SparseDense.from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
-    >>> layer(np.array([[1.0, 1.0]])).numpy()
+    >>> keras.ops.convert_to_numpy(layer(np.array([[1.0, 1.0]])))
     array([[3., 2.]], dtype=float32)
-    >>> layer.compute_path(batch_size=1) in ("native", "coo")
-    True
+    >>> layer.compute_path(batch_size=1)  # 4 weights: a dense matmul wins
+    'dense'
     """
 
     def __init__(
@@ -113,9 +211,9 @@ class SparseDense(keras.layers.Layer):
             raise ValueError(
                 f"Expected `nnz` to be an integer >= 0. Received: nnz={nnz!r}"
             )
-        if compute not in ("auto", *PATHS):
+        if compute not in COMPUTE:
             raise ValueError(
-                f"Expected `compute` to be one of {['auto', *PATHS]}. "
+                f"Expected `compute` to be one of {list(COMPUTE)}. "
                 f"Received: compute={compute!r}"
             )
         if compute == "native" and self.compute_dtype not in NATIVE_DTYPES:
@@ -130,7 +228,7 @@ class SparseDense(keras.layers.Layer):
         self.compute = compute
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-        self.supports_jit = False
+        self.supports_jit = compute == "dense"
 
     @classmethod
     def from_kernel(
@@ -153,6 +251,9 @@ class SparseDense(keras.layers.Layer):
         Returns:
             A built `SparseDense` layer.
 
+        Raises:
+            ValueError: If `kernel` is not 2-D.
+
         Example:
 
         >>> layer = SparseDense.from_kernel(np.eye(3), bias=np.ones(3))
@@ -165,7 +266,7 @@ class SparseDense(keras.layers.Layer):
                 "Expected `kernel` to be 2-D (input_dim, units). "
                 f"Received: kernel.shape={kernel.shape}"
             )
-        values, indices = _sparse_ops().coo_from_kernel(kernel)
+        values, indices = coo_from_kernel(kernel)
         layer = cls(
             units=kernel.shape[1],
             nnz=int(values.size),
@@ -174,17 +275,28 @@ class SparseDense(keras.layers.Layer):
             **kwargs,
         )
         layer.build((None, kernel.shape[0]))
-        layer.values.assign(values)
-        layer.indices.assign(indices)
+        layer._assign(values, indices)
         if layer.bias is not None and bias is not None:
             layer.bias.assign(np.asarray(bias))
         return layer
 
     def build(self, input_shape: tuple) -> None:
         self.input_dim = int(input_shape[-1])
-        self.values = self.add_weight(
-            name="values", shape=(self.nnz,), initializer="zeros"
+        self.computes_dense = self.compute == "dense" or (
+            self.compute == "auto" and not _sparse_pays(self)
         )
+        self.supports_jit = self.computes_dense
+        if self.computes_dense:
+            self.kernel = self.add_weight(
+                name="kernel",
+                shape=(self.input_dim, self.units),
+                initializer="zeros",
+                constraint=_KeepPattern(self),
+            )
+        else:
+            self._values = self.add_weight(
+                name="values", shape=(self.nnz,), initializer="zeros"
+            )
         self.indices = self.add_weight(
             name="indices",
             shape=(self.nnz, 2),
@@ -199,31 +311,67 @@ class SparseDense(keras.layers.Layer):
         )
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: self.input_dim})
 
+    def _assign(self, values: np.ndarray, indices: np.ndarray) -> None:
+        """Sets the stored weights from COO pairs of the kernel's transpose."""
+        if len(values) != self.nnz:
+            raise ValueError(
+                f"Layer {self.name!r} holds nnz={self.nnz} weights. "
+                f"Received: {len(values)} values"
+            )
+        self.indices.assign(indices)
+        if self.computes_dense:
+            self.kernel.assign(
+                kernel_from_coo(values, indices, self.input_dim, self.units)
+            )
+        else:
+            self._values.assign(values)
+
+    @property
+    def values(self) -> Any:
+        """The stored kernel weights, `(nnz,)`, in the order of `indices`
+        (the variable itself on a sparse path, read from `kernel` on the
+        dense path)."""
+        if self.computes_dense:
+            return ops.take(ops.reshape(self.kernel, (-1,)), _flat_positions(self))
+        return self._values
+
     def save_own_variables(self, store: Any) -> None:
-        row_splits, columns = _sparse_ops().compress(
-            ops.convert_to_numpy(self.indices), self.input_dim, self.units
+        indices = ops.convert_to_numpy(self.indices)
+        parts = storage.encode_nonzeros(
+            ops.convert_to_numpy(self.values),
+            indices[:, 0] * self.input_dim + indices[:, 1],
+            (self.units, self.input_dim),
         )
-        store["values"] = ops.convert_to_numpy(self.values)
-        store["row_splits"] = row_splits
-        store["columns"] = columns
+        for part, array in parts.items():
+            store[part] = array
         if self.bias is not None:
             store["bias"] = ops.convert_to_numpy(self.bias)
 
     def load_own_variables(self, store: Any) -> None:
-        expected = {"values", "row_splits", "columns"} | (
-            {"bias"} if self.use_bias else set()
-        )
-        if set(store.keys()) != expected:
-            raise ValueError(
-                f"Layer {self.name!r} expects the saved arrays {sorted(expected)}. "
-                f"Received: {sorted(store.keys())}"
-            )
-        self.values.assign(store["values"])
-        self.indices.assign(
-            _sparse_ops().decompress(
+        keys = set(store.keys())
+        bias = {"bias"} if self.use_bias else set()
+        if keys == {"values", "row_splits", "columns"} | bias:
+            # A file of keras_prune 0.1 or 0.2: CSR with 16/32-bit columns.
+            values = np.asarray(store["values"])
+            indices = _coo_from_csr(
                 np.asarray(store["row_splits"]), np.asarray(store["columns"])
             )
-        )
+        else:
+            parts = {key: store[key] for key in keys - bias}
+            try:
+                values, positions, shape = storage.decode_nonzeros(parts)
+            except ValueError as error:
+                raise ValueError(
+                    f"Layer {self.name!r} cannot read its saved arrays "
+                    f"{sorted(keys)}: {error}"
+                ) from error
+            if shape != (self.units, self.input_dim):
+                raise ValueError(
+                    f"Layer {self.name!r} has a ({self.input_dim}, {self.units}) "
+                    f"kernel. Received: a saved kernel of shape {shape[::-1]}"
+                )
+            indices = np.stack(np.divmod(positions, self.input_dim), axis=1)
+        self._assign(values, indices)
         if self.bias is not None:
             self.bias.assign(store["bias"])
 
@@ -238,16 +386,20 @@ class SparseDense(keras.layers.Layer):
         return 1.0 - self.density
 
     def compute_path(self, batch_size: int | None) -> str:
-        """The kernel (`"native"`, `"coo"` or `"csr"`) a call with
-        `batch_size` rows uses (`"auto"`: decided per call, for an unknown
-        batch size without the native kernel)."""
+        """How a call with `batch_size` rows computes: `"dense"`, or the
+        sparse kernel (`"native"`, `"coo"` or `"csr"`; `"auto"`: decided per
+        call, for an unknown batch size without the native kernel)."""
+        if self.computes_dense:
+            return "dense"
         if self.compute != "auto":
             return self.compute
         return _sparse_ops().choose_path(batch_size, self.compute_dtype)
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""
-        return _sparse_ops().kernel_from_coo(
+        if self.computes_dense:
+            return ops.convert_to_numpy(self.kernel)
+        return kernel_from_coo(
             ops.convert_to_numpy(self.values),
             ops.convert_to_numpy(self.indices),
             self.input_dim,
@@ -255,14 +407,17 @@ class SparseDense(keras.layers.Layer):
         )
 
     def call(self, inputs: Any) -> Any:
-        outputs = _sparse_ops().sparse_matmul(
-            inputs,
-            self.values,
-            self.indices,
-            self.input_dim,
-            self.units,
-            path=self.compute,
-        )
+        if self.computes_dense:
+            outputs = ops.matmul(inputs, self.kernel)
+        else:
+            outputs = _sparse_ops().sparse_matmul(
+                inputs,
+                self._values,
+                self.indices,
+                self.input_dim,
+                self.units,
+                path=self.compute,
+            )
         return _add_bias_and_activate(self, outputs)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:

@@ -3,9 +3,8 @@
 In memory a sparse kernel `W` of shape `(input_dim, units)` is held as COO
 pairs of its transpose, `indices[k] = (unit, input)` in row-major order with
 int64 entries, plus `values[k]`: exactly what TensorFlow's sparse kernels
-take, so nothing is rebuilt per call. On disk it is compressed sparse rows
-over the units: int32 `row_splits` and uint16 (or int32) `columns`, 6 bytes a
-nonzero with the float32 value instead of the 20 of int64 COO.
+take, so nothing is rebuilt per call (`SparseDense` stores it on disk in
+the compact formats of `keras_prune.storage`).
 
 Three kernels compute `x @ W`:
 - `"native"`: keras_prune's own kernel (see `keras_prune.inference.native`), compiled
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from keras_prune.inference import native
@@ -87,82 +85,6 @@ def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
     if batch_size is None:
         return "auto"
     return "coo" if batch_size <= COO_MAX_BATCH else "csr"
-
-
-def coo_from_kernel(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Returns `(values, indices)`: the nonzeros of `kernel.T` in row-major order.
-
-    Args:
-        kernel: A 2-D array of shape `(input_dim, units)`.
-
-    Returns:
-        `values`, shape `(nnz,)`, and `indices`, int64 `(nnz, 2)` pairs of
-        `(unit, input)`.
-
-    Example:
-
-    >>> values, indices = coo_from_kernel(np.array([[0.0, 2.0], [3.0, 0.0]]))
-    >>> values, indices.tolist()
-    (array([3., 2.]), [[0, 1], [1, 0]])
-    """
-    transposed = np.asarray(kernel).T
-    units, inputs = np.nonzero(transposed)
-    indices = np.stack([units, inputs], axis=1).astype(np.int64).reshape(-1, 2)
-    return transposed[units, inputs], indices
-
-
-def kernel_from_coo(
-    values: np.ndarray, indices: np.ndarray, input_dim: int, units: int
-) -> np.ndarray:
-    """Rebuilds the dense `(input_dim, units)` kernel from COO pairs of its
-    transpose.
-
-    Example:
-
-    >>> kernel_from_coo(np.array([3.0, 2.0]), np.array([[0, 1], [1, 0]]), 2, 2)
-    array([[0., 2.],
-           [3., 0.]])
-    """
-    kernel = np.zeros((input_dim, units), dtype=np.asarray(values).dtype)
-    indices = np.asarray(indices).reshape(-1, 2)
-    kernel[indices[:, 1], indices[:, 0]] = values
-    return kernel
-
-
-def compress(
-    indices: np.ndarray, input_dim: int, units: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """COO pairs to `(row_splits, columns)`: CSR over units, for saving.
-
-    `columns` is uint16 when `input_dim` allows it, else int32.
-
-    Example:
-
-    >>> compress(np.array([[0, 1], [1, 0]]), input_dim=2, units=3)
-    (array([0, 1, 2, 2], dtype=int32), array([1, 0], dtype=uint16))
-    """
-    if max(input_dim, units, len(indices)) > np.iinfo(np.int32).max:
-        raise ValueError(
-            "Expected a kernel with fewer than 2**31 rows, columns and nonzeros. "
-            f"Received: input_dim={input_dim}, units={units}, nnz={len(indices)}"
-        )
-    indices = np.asarray(indices).reshape(-1, 2)
-    row_splits = np.zeros(units + 1, dtype=np.int32)
-    np.cumsum(np.bincount(indices[:, 0], minlength=units), out=row_splits[1:])
-    column_dtype = np.uint16 if input_dim <= np.iinfo(np.uint16).max + 1 else np.int32
-    return row_splits, indices[:, 1].astype(column_dtype)
-
-
-def decompress(row_splits: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """Inverse of `compress`: int64 COO pairs `(unit, input)`.
-
-    Example:
-
-    >>> decompress(np.array([0, 1, 2, 2]), np.array([1, 0])).tolist()
-    [[0, 1], [1, 0]]
-    """
-    units = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
-    return np.stack([units, np.asarray(columns)], axis=1).astype(np.int64)
 
 
 def sparse_matmul(
