@@ -38,6 +38,7 @@ if _keras_error is None:
         strip_pruning,
     )
     from keras_prune.inference.sparse_dense import SparseDense
+    from keras_prune.litert import LiteRTReport, LiteRTWeight, export_litert
     from keras_prune.masking import (
         PRUNABLE_WEIGHTS,
         MaskedContainer,
@@ -81,6 +82,8 @@ __all__ = [
     "IterativePruningCallback",
     "LayerSparsity",
     "ListSchedule",
+    "LiteRTReport",
+    "LiteRTWeight",
     "MaskedContainer",
     "MaskedDense",
     "MaskedLayer",
@@ -90,6 +93,7 @@ __all__ = [
     "SparsitySummary",
     "compact_class",
     "conversion_report",
+    "export_litert",
     "export_sparse",
     "global_magnitude_masks",
     "magnitude_mask",

@@ -1,0 +1,623 @@
+"""`export_litert`: a pruned model as a LiteRT (`.tflite`) file whose pruned
+weights are stored sparse and run TFLite's sparse kernels, checked against
+the Keras model before it is written.
+
+How it works: the masks are stripped (each masked layer becomes its stock
+layer holding `weight * mask`; a `SparseDense` becomes a `Dense`), Keras
+exports the model (`model.export(format="litert")`, TFLite builtins only),
+and the converter's sparsity optimization (`tf.lite.Optimize.
+EXPERIMENTAL_SPARSITY`) stores weights with enough zeros in TFLite's sparse
+format. The file is then read back: per layer, whether its weights are
+stored sparse and whether a `DENSIFY` op expands them when the model loads
+(so the layer runs dense), the file size, the outputs against the Keras
+model's, and the batch-1 latency against the same model converted dense.
+
+What runs sparse (TensorFlow 2.21, LiteRT 2.3): only `FULLY_CONNECTED`
+(Dense) has a sparse kernel, and the converter keeps a weight sparse for it
+when it is sparse enough (1x4 blocks of inputs, see
+`IterativePruningCallback(granularity=(1, 4))`, pass at 90% zeros and
+more; random masks need more zeros). Other weights (convolutions) are
+stored sparse only to make the file smaller and are densified at load.
+
+Known LiteRT defects this module guards against (found by the output
+check, measured on the seed network's head):
+- int8 (dynamic range) sparse weights give wrong outputs (relative error
+  2-5) or fail to prepare under the default XNNPACK delegate; without the
+  default delegates they are correct and fast. Such a file is written with
+  a warning that says how to load it.
+- float16 sparse weights dequantize to NaN on every resolver: refused.
+
+Reference: TensorFlow Lite's sparsity format (`SparsityParameters` in
+`schema.fbs`) and Elsen et al. 2020, "Fast Sparse ConvNets",
+arXiv:1911.09723 (XNNPACK's sparse inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_prune.convert import _check_model, _clone_functional, strip_pruning
+from keras_prune.inference.backend import tensorflow_module
+from keras_prune.masking import find_prunable_weights, is_graph_model, is_prunable
+
+QUANTIZATIONS = ("float", "float16", "int8")
+# Largest accepted output error, `max |tflite - keras| / max(1, max |keras|)`:
+# float32 round-off; half-precision weights; 8-bit weights (dynamic range).
+TOLERANCE = {"float": 1e-4, "float16": 1e-2, "int8": 5e-2}
+# The op resolvers tried, in order: LiteRT's default (with the XNNPACK
+# delegate), then its builtin kernels without default delegates.
+RESOLVERS = ("default", "without_default_delegates")
+LOAD_WITHOUT_DELEGATES = (
+    "Interpreter(model_path=..., experimental_op_resolver_type="
+    "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteRTWeight:
+    """One weight tensor of a pruned layer in a `.tflite` file.
+
+    Attributes:
+        layer: The Keras layer's name.
+        shape: The tensor's shape in the file (TFLite's layout: a Dense
+            kernel is `(units, input_dim)`).
+        kept: Fraction of the weights that are nonzero in the Keras model.
+        storage: `"sparse"`, `"sparse, 1x4 blocks"` (or other block sizes)
+            or `"dense"`.
+        runs: `"sparse kernel"`; `"dense (DENSIFY at load)"` when the file
+            stores it sparse but a `DENSIFY` op expands it; or `"dense"`
+            (`"not found"`, with `storage`, where no tensor of the file could
+            be matched to the weight).
+        bytes: Bytes the tensor's values and indices take in the file.
+    """
+
+    layer: str
+    shape: tuple[int, ...]
+    kept: float
+    storage: str
+    runs: str
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteRTReport:
+    """What `export_litert` wrote and measured.
+
+    Attributes:
+        path: The `.tflite` file.
+        quantization: `"float"`, `"float16"` or `"int8"`.
+        bytes: Size of the file.
+        dense_bytes: Size of the same model converted without sparsity
+            (same quantization), or `None` with `compare=False`.
+        latency_ms: Median batch-1 latency of the file, one thread, in ms.
+        dense_latency_ms: The same for the dense file (LiteRT's default
+            resolver), or `None`.
+        max_error: `max |tflite - keras| / max(1, max |keras|)` over the
+            sample.
+        resolver: `"default"`, or `"without_default_delegates"` when the
+            file must be loaded without LiteRT's default delegates to be
+            correct (see `load_hint`).
+        weights: One `LiteRTWeight` per weight tensor of a pruned layer.
+    """
+
+    path: str
+    quantization: str
+    bytes: int
+    dense_bytes: int | None
+    latency_ms: float | None
+    dense_latency_ms: float | None
+    max_error: float
+    resolver: str
+    weights: tuple[LiteRTWeight, ...]
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense latency over sparse latency, or `None` if not measured."""
+        if self.latency_ms is None or self.dense_latency_ms is None:
+            return None
+        return self.dense_latency_ms / self.latency_ms
+
+    @property
+    def load_hint(self) -> str:
+        """How to load the file with LiteRT's Python `Interpreter`."""
+        if self.resolver == "default":
+            return "Interpreter(model_path=...)"
+        return LOAD_WITHOUT_DELEGATES
+
+    def __str__(self) -> str:
+        header = ("layer", "shape", "kept", "stored", "runs", "bytes")
+        rows = [
+            (
+                w.layer,
+                "x".join(map(str, w.shape)),
+                f"{w.kept:.2%}",
+                w.storage,
+                w.runs,
+                f"{w.bytes:,}",
+            )
+            for w in self.weights
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(6)]
+        lines = [
+            "  ".join(
+                cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+            )
+            for row in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        size = f"{self.path}: {self.bytes:,} bytes ({self.quantization})"
+        if self.dense_bytes:
+            size += f", {self.bytes / self.dense_bytes:.1%} of the dense .tflite"
+        lines += ["", size]
+        if self.latency_ms is not None:
+            timing = f"batch-1 latency {self.latency_ms:.4f} ms"
+            if self.speedup is not None:
+                timing += (
+                    f", dense .tflite {self.dense_latency_ms:.4f} ms: "
+                    f"{self.speedup:.1f}x faster"
+                )
+            lines.append(timing)
+        lines.append(
+            f"max |tflite - keras| / max(1, |keras|) = {self.max_error:.2e}; "
+            f"load with {self.load_hint}"
+        )
+        return "\n".join(lines)
+
+
+def _litert() -> tuple[Any, Any, Any]:
+    """`(Interpreter, OpResolverType, schema module)`, from `ai_edge_litert`
+    where it is installed, else from TensorFlow's bundled copy."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        import tensorflow as tf
+        from tensorflow.lite.python import schema_py_generated as schema
+
+        return tf.lite.Interpreter, tf.lite.experimental.OpResolverType, schema
+    return Interpreter, OpResolverType, schema
+
+
+def _stock_model(model: keras.Model) -> keras.Model:
+    """`model` with stock layers only: masks stripped, `SparseDense` back to
+    `Dense` (a converted `SparseDense` runs gathers, not TFLite's sparse
+    kernel)."""
+    from keras_prune.inference.sparse_dense import SparseDense
+
+    def replace(layer: keras.layers.Layer) -> keras.layers.Layer | None:
+        if not isinstance(layer, SparseDense):
+            return None
+        dense = keras.layers.Dense(
+            layer.units,
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+        dense.build((None, layer.input_dim))
+        dense.kernel.assign(layer.dense_kernel())
+        if layer.bias is not None:
+            dense.bias.assign(ops.convert_to_numpy(layer.bias))
+        return dense
+
+    if is_graph_model(model):
+        return strip_pruning(_clone_functional(model, replace), inplace=True)
+    return strip_pruning(model)
+
+
+def _convert(model: keras.Model, quantization: str, sparsity: bool) -> bytes:
+    import tensorflow as tf
+
+    optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparsity else []
+    target_spec: dict[str, Any] = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}
+    if quantization != "float":
+        optimizations.append(tf.lite.Optimize.DEFAULT)
+    if quantization == "float16":
+        target_spec["supported_types"] = [tf.float16]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.tflite")
+        model.export(
+            path,
+            format="litert",
+            verbose=False,
+            optimizations=optimizations,
+            target_spec=target_spec,
+        )
+        with open(path, "rb") as file:
+            return file.read()
+
+
+def _tensors(content: bytes) -> list[dict[str, Any]]:
+    """The constant tensors of a `.tflite` flatbuffer: name, shape, block
+    size (`None`: stored dense), whether a DENSIFY op reads it, bytes."""
+    _, _, schema = _litert()
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
+    names = {
+        value: name for name, value in vars(schema.BuiltinOperator).items()
+        if not name.startswith("_")
+    }  # fmt: skip
+    found = []
+    for graph in model.subgraphs:
+        densified: set[int] = set()
+        for operator in graph.operators:
+            code = model.operatorCodes[operator.opcodeIndex]
+            op = names.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+            if op == "DENSIFY":
+                densified.update(int(i) for i in operator.inputs)
+        for index, tensor in enumerate(graph.tensors):
+            data = model.buffers[tensor.buffer].data
+            if data is None or len(data) == 0:
+                continue
+            block = None
+            if tensor.sparsity is not None:
+                block_map = tensor.sparsity.blockMap
+                dims = tensor.sparsity.dimMetadata
+                block = tuple(
+                    int(dims[len(tensor.shape) + k].denseSize)
+                    for k in range(0 if block_map is None else len(block_map))
+                )
+                block_dims = [] if block_map is None else [int(d) for d in block_map]
+                block = _block_shape(len(tensor.shape), block_dims, block)
+            found.append(
+                {
+                    "name": tensor.name.decode(),
+                    "shape": tuple(int(n) for n in tensor.shape),
+                    "block": block,
+                    "densified": index in densified,
+                    "bytes": _sparse_bytes(tensor, len(data)),
+                }
+            )
+    return found
+
+
+def _block_shape(rank: int, block_dims: list[int], sizes: tuple) -> tuple:
+    """The block a sparse tensor is stored in, `(1, 1)` for single weights."""
+    shape = [1] * rank
+    for dim, size in zip(block_dims, sizes, strict=True):
+        shape[dim] = size
+    return tuple(shape)
+
+
+def _sparse_bytes(tensor: Any, data_bytes: int) -> int:
+    """Bytes of a tensor's values plus, if sparse, its index arrays."""
+    total = data_bytes
+    if tensor.sparsity is not None:
+        for dim in tensor.sparsity.dimMetadata:
+            for vector in (dim.arraySegments, dim.arrayIndices):
+                if vector is not None and vector.values is not None:
+                    total += np.asarray(vector.values).nbytes
+    return total
+
+
+def _pruned_weights(model: keras.Model) -> list[tuple[str, int, float]]:
+    """`(layer name, size, kept fraction)` of each prunable weight of the
+    stock `model` that holds zeros."""
+    found = []
+    for layer in model._flatten_layers(include_self=False):
+        if not is_prunable(layer):
+            continue
+        for weight in find_prunable_weights(layer):
+            values = ops.convert_to_numpy(weight)
+            if values.size and not values.all():
+                found.append((layer.name, values.size, float(np.mean(values != 0))))
+    return found
+
+
+def _weights_report(
+    pruned: list[tuple[str, int, float]], tensors: list[dict[str, Any]]
+) -> list[LiteRTWeight]:
+    """Matches each pruned weight to its `.tflite` tensor: the one named
+    after its layer (`.../fc1_1/MatMul`) with as many elements, else the
+    only unclaimed one with as many elements (the converter renames the
+    last layer's weights after the model's output)."""
+    claimed: dict[int, int] = {}  # pruned weight -> tensor
+    for by_name in (True, False):
+        for i, (name, size, _) in enumerate(pruned):
+            if i in claimed:
+                continue
+            pattern = re.compile(rf"(^|/){re.escape(name)}(_\d+)?(/|;|$)")
+            candidates = [
+                j
+                for j, tensor in enumerate(tensors)
+                if j not in claimed.values()
+                and int(np.prod(tensor["shape"])) == size
+                and (not by_name or pattern.search(tensor["name"]))
+            ]
+            if candidates and (by_name or len(candidates) == 1):
+                claimed[i] = candidates[0]
+    rows = []
+    for i, (name, _, kept) in enumerate(pruned):
+        if i not in claimed:
+            rows.append(LiteRTWeight(name, (), kept, "not found", "not found", 0))
+            continue
+        tensor = tensors[claimed[i]]
+        block = tensor["block"]
+        if block is None:
+            storage, runs = "dense", "dense"
+        else:
+            storage = "sparse"
+            if max(block) > 1:
+                storage += ", " + "x".join(map(str, block)) + " blocks"
+            runs = "dense (DENSIFY at load)" if tensor["densified"] else "sparse kernel"
+        rows.append(
+            LiteRTWeight(name, tensor["shape"], kept, storage, runs, tensor["bytes"])
+        )
+    return rows
+
+
+def _interpreter(content: bytes, resolver: str, batch: int) -> Any:
+    """A one-thread interpreter for `content`, its input resized to `batch`
+    rows and its tensors allocated."""
+    interpreter_class, resolver_types, _ = _litert()
+    kind = (
+        resolver_types.AUTO
+        if resolver == "default"
+        else resolver_types.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    interpreter = interpreter_class(
+        model_content=content, num_threads=1, experimental_op_resolver_type=kind
+    )
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(
+        detail["index"], [batch, *detail["shape"][1:]], strict=False
+    )
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _predict(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], inputs.astype(detail["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def _error(got: np.ndarray, expected: np.ndarray) -> float:
+    expected = np.asarray(expected, dtype="float64")
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    difference = np.abs(np.asarray(got, dtype="float64") - expected)
+    if not np.all(np.isfinite(difference)):
+        return float("inf")
+    return float(difference.max(initial=0.0)) / scale
+
+
+def _check(
+    content: bytes, sample: np.ndarray, expected: np.ndarray, tolerance: float
+) -> tuple[str, float, list[str]]:
+    """The first resolver under which `content` reproduces `expected`, its
+    error, and what went wrong under the resolvers tried before it."""
+    failures = []
+    for resolver in RESOLVERS:
+        try:
+            got = _predict(_interpreter(content, resolver, len(sample)), sample)
+        except (RuntimeError, ValueError) as failure:
+            failures.append(f"{resolver}: fails to run ({str(failure).strip()[:200]})")
+            continue
+        error = _error(got, expected)
+        if error <= tolerance:
+            return resolver, error, failures
+        failures.append(f"{resolver}: wrong outputs (error {error:.3g})")
+    return "", float("inf"), failures
+
+
+def _latencies(
+    contents: dict[str, tuple[bytes, str]], row: np.ndarray, repeats: int
+) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each `(content, resolver)`, one thread,
+    timed in turns so that both see the same machine load."""
+    interpreters = {
+        name: _interpreter(content, resolver, 1)
+        for name, (content, resolver) in contents.items()
+    }
+    for interpreter in interpreters.values():
+        for _ in range(5):
+            _predict(interpreter, row)
+    times: dict[str, list[float]] = {name: [] for name in interpreters}
+    for _ in range(repeats):
+        for name, interpreter in interpreters.items():
+            start = time.perf_counter()
+            interpreter.invoke()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def _default_sample(model: keras.Model, rows: int = 8) -> np.ndarray:
+    shape = model.inputs[0].shape[1:]
+    if any(size is None for size in shape):
+        raise ValueError(
+            "Expected `sample` for a model whose input shape has unknown sizes. "
+            f"Received: sample=None, input shape {model.inputs[0].shape}"
+        )
+    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    if "int" in dtype:
+        return np.zeros((rows, *shape), dtype=dtype)
+    return np.random.default_rng(0).normal(size=(rows, *shape)).astype(dtype)
+
+
+def export_litert(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    quantization: str = "float",
+    sample: Any = None,
+    compare: bool = True,
+    repeats: int = 200,
+) -> LiteRTReport:
+    """Writes `model` as a LiteRT (`.tflite`) file whose pruned weights are
+    stored sparse and run TFLite's sparse kernels, and reports what it got.
+
+    Masked layers become stock layers holding `weight * mask` (and
+    `SparseDense` layers `Dense`), Keras exports the model with TFLite
+    builtins only, and the converter's sparsity optimization stores weights
+    with enough zeros in TFLite's sparse format. Before the file is written
+    its outputs on `sample` are compared with the Keras model's; the report
+    lists, per pruned weight, how it is stored and whether it runs TFLite's
+    sparse kernel or is expanded at load by a `DENSIFY` op (a warning names
+    those), the file size, and the batch-1 latency against the same model
+    converted dense. The input model is not changed.
+
+    What runs sparse: Dense layers (TFLite's sparse `FULLY_CONNECTED`) that
+    the converter finds sparse enough; masks in 1x4 blocks
+    (`IterativePruningCallback(granularity=(1, 4))`) pass at lower sparsity
+    and run about twice as fast. Convolutions are stored sparse (a smaller
+    file) but run dense.
+
+    Quantization: `"float"` (float32), `"float16"` (half-precision weights)
+    or `"int8"` (dynamic-range: int8 weights, float activations). LiteRT
+    (2.3) computes int8 sparse weights wrongly under its default XNNPACK
+    delegate; such a file is verified without the default delegates, and
+    the report's `load_hint` and a warning say how to load it. Float16 sparse
+    weights dequantize to NaN there: a file whose outputs are wrong under
+    every resolver is refused.
+
+    Args:
+        model: A single-input `keras.Model` (masked, exported or stock) on
+            the TensorFlow backend.
+        path: Where to write the file; must end with `.tflite`.
+        quantization: `"float"`, `"float16"` or `"int8"`. Defaults to
+            `"float"`.
+        sample: Inputs to check the outputs on, a numpy array with a batch
+            dimension. Defaults to 8 standard-normal rows (zeros for integer
+            inputs); required when the input shape has unknown sizes.
+        compare: Also convert the model without sparsity and time both at
+            batch 1. Defaults to `True`.
+        repeats: Timed batch-1 calls of each file. Defaults to `200`.
+
+    Returns:
+        A `LiteRTReport`; `print()` it for a table.
+
+    Raises:
+        TypeError: If `model` is not a `keras.Model`.
+        ValueError: For a bad `path`, `quantization`, `repeats` or `sample`,
+            a model with several inputs, or a file whose outputs differ from
+            the model's beyond `TOLERANCE[quantization]` under every
+            resolver (nothing is written then; the message says what failed).
+        RuntimeError: Off the TensorFlow backend.
+
+    Warns:
+        UserWarning: Naming pruned weights that run dense in the file, and
+            when the file must be loaded without LiteRT's default delegates.
+
+    Example:
+
+    >>> import tempfile
+    >>> from keras_prune import MaskedDense
+    >>> model = keras.Sequential([keras.Input((512,)), MaskedDense(256, name="fc")])
+    >>> model.layers[0].prune_to(np.random.default_rng(0).random((512, 256)) < 0.02)
+    >>> path = os.path.join(tempfile.mkdtemp(), "fc.tflite")
+    >>> report = export_litert(model, path, repeats=20)
+    >>> [(w.layer, w.runs) for w in report.weights]
+    [('fc', 'sparse kernel')]
+    >>> report.bytes < 0.2 * report.dense_bytes, report.max_error < 1e-4
+    (True, True)
+
+    Reference:
+        TensorFlow Lite's sparsity format (`SparsityParameters`, `schema.fbs`);
+        Elsen et al. 2020, "Fast Sparse ConvNets", arXiv:1911.09723.
+    """
+    _check_model(model, "export_litert")
+    tensorflow_module("export_litert")
+    path = os.fspath(path)
+    if not path.endswith(".tflite"):
+        raise ValueError(
+            f"Expected `path` to end with '.tflite'. Received: path={path!r}"
+        )
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"Expected `quantization` to be one of {list(QUANTIZATIONS)}. "
+            f"Received: quantization={quantization!r}"
+        )
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(
+            "Expected `repeats` to be a positive integer. "
+            f"Received: repeats={repeats!r}"
+        )
+    if len(model.inputs) != 1:
+        raise ValueError(
+            "export_litert checks and times models with one input. Received: "
+            f"a model with {len(model.inputs)} inputs"
+        )
+    sample = _default_sample(model) if sample is None else np.asarray(sample)
+    shape = model.inputs[0].shape
+    if (
+        sample.ndim != len(shape)
+        or len(sample) == 0
+        or any(
+            n not in (None, m) for n, m in zip(shape[1:], sample.shape[1:], strict=True)
+        )
+    ):
+        raise ValueError(
+            "Expected `sample` to be a batch of inputs of shape "
+            f"{shape}. Received: sample.shape={sample.shape}"
+        )
+    expected = ops.convert_to_numpy(model(sample, training=False))
+    stock = _stock_model(model)
+    content = _convert(stock, quantization, sparsity=True)
+    resolver, error, failures = _check(
+        content, sample, expected, TOLERANCE[quantization]
+    )
+    if not resolver:
+        raise ValueError(
+            f"export_litert(quantization={quantization!r}) made a file whose "
+            f"outputs differ from the model's ({'; '.join(failures)}); nothing "
+            "was written. "
+            + (
+                "LiteRT dequantizes sparse float16 weights wrongly: use "
+                'quantization="float" or "int8".'
+                if quantization == "float16"
+                else "Try another quantization."
+            )
+        )
+    dense = _convert(stock, quantization, sparsity=False) if compare else None
+    latency = dense_latency = None
+    if compare and dense is not None:
+        timed = _latencies(
+            {"sparse": (content, resolver), "dense": (dense, "default")},
+            sample[:1],
+            repeats,
+        )
+        latency, dense_latency = timed["sparse"], timed["dense"]
+    weights = _weights_report(_pruned_weights(stock), _tensors(content))
+    report = LiteRTReport(
+        path=path,
+        quantization=quantization,
+        bytes=len(content),
+        dense_bytes=None if dense is None else len(dense),
+        latency_ms=latency,
+        dense_latency_ms=dense_latency,
+        max_error=error,
+        resolver=resolver,
+        weights=tuple(weights),
+    )
+    temporary = path + ".partial"
+    with open(temporary, "wb") as file:
+        file.write(content)
+    os.replace(temporary, path)
+    dense_runs = [w.layer for w in weights if w.runs != "sparse kernel"]
+    if dense_runs:
+        warnings.warn(
+            f"export_litert: {dense_runs} run dense in {path}: TFLite has a sparse "
+            "kernel only for Dense (FULLY_CONNECTED) weights the converter finds "
+            "sparse enough; prune further, or in 1x4 blocks "
+            "(IterativePruningCallback(granularity=(1, 4))), for them to run sparse.",
+            stacklevel=2,
+        )
+    if resolver != "default":
+        warnings.warn(
+            f"export_litert: {path} computes correctly only without LiteRT's default "
+            f"delegates ({'; '.join(failures)}). Load it with {LOAD_WITHOUT_DELEGATES} "
+            "(C++: tflite::ops::builtin::BuiltinOpResolverWithoutDefaultDelegates).",
+            stacklevel=2,
+        )
+    return report

@@ -1,0 +1,172 @@
+"""`export_litert`: pruned Dense weights run TFLite's sparse kernel, the file
+is checked against the Keras model, and LiteRT's known defects are caught."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_prune as kp
+from keras_prune import litert
+
+L = keras.layers
+
+
+def seed_head(fc1_density, fc2_density=None, seed=0):
+    """The seed network's head, 3136 -> 1024 -> 10, masked, fc1 pruned at
+    random to `fc1_density` (and fc2 to `fc2_density`)."""
+    keras.utils.set_random_seed(seed)
+    model = kp.make_prunable(
+        keras.Sequential(
+            [
+                keras.Input((3136,)),
+                L.Dense(1024, activation="relu", name="fc1"),
+                L.Dense(10, name="fc2"),
+            ]
+        ),
+        verbose=False,
+    )
+    rng = np.random.default_rng(seed)
+    model.get_layer("fc1").prune_to(rng.random((3136, 1024)) < fc1_density)
+    if fc2_density is not None:
+        model.get_layer("fc2").prune_to(rng.random((1024, 10)) < fc2_density)
+    return model
+
+
+def interpreter(path, resolver="default"):
+    interpreter_class, resolvers, _ = litert._litert()
+    kind = (
+        resolvers.AUTO
+        if resolver == "default"
+        else resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    result = interpreter_class(model_path=str(path), experimental_op_resolver_type=kind)
+    result.allocate_tensors()
+    return result
+
+
+def run(interpreter_, x):
+    detail = interpreter_.get_input_details()[0]
+    interpreter_.set_tensor(detail["index"], x)
+    interpreter_.invoke()
+    return interpreter_.get_tensor(interpreter_.get_output_details()[0]["index"])
+
+
+def test_a_pruned_head_runs_the_sparse_kernel_and_matches_keras(tmp_path):
+    model = seed_head(0.0023)
+    before = [np.array(w) for w in model.get_weights()]
+    with warnings.catch_warnings():
+        # Nothing runs dense, and the file loads the default way.
+        warnings.simplefilter("error", UserWarning)
+        report = kp.export_litert(model, tmp_path / "head.tflite", repeats=5)
+    assert [(w.layer, w.runs) for w in report.weights] == [("fc1", "sparse kernel")]
+    assert report.weights[0].kept == pytest.approx(0.0023, rel=0.05)
+    assert report.resolver == "default" and report.max_error <= 1e-4
+    # Floor: at most 3% of the dense .tflite.
+    assert report.bytes <= 0.03 * report.dense_bytes
+    assert report.bytes == (tmp_path / "head.tflite").stat().st_size
+    assert report.latency_ms > 0 and report.dense_latency_ms > 0
+    x = np.random.default_rng(1).normal(size=(1, 3136)).astype("float32")
+    np.testing.assert_allclose(
+        run(interpreter(tmp_path / "head.tflite"), x),
+        model.predict(x, verbose=0),
+        atol=1e-4,
+    )
+    # The input model is untouched and still masked.
+    assert kp.masked_layers(model)
+    for old, new in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+    text = str(report)
+    assert "fc1    1024x3136  0.23%" in text and "sparse kernel" in text
+
+
+def test_int8_sparse_file_is_verified_without_the_default_delegates(tmp_path):
+    # LiteRT 2.3's XNNPACK delegate computes int8 sparse weights wrongly.
+    model = seed_head(0.0023)
+    with pytest.warns(UserWarning, match="computes correctly only without"):
+        report = kp.export_litert(
+            model, tmp_path / "int8.tflite", quantization="int8", compare=False
+        )
+    assert report.resolver == "without_default_delegates"
+    assert "BUILTIN_WITHOUT_DEFAULT_DELEGATES" in report.load_hint
+    assert report.max_error <= litert.TOLERANCE["int8"]
+    x = np.random.default_rng(2).normal(size=(1, 3136)).astype("float32")
+    got = run(interpreter(tmp_path / "int8.tflite", "without"), x)
+    expected = model.predict(x, verbose=0)
+    assert np.abs(got - expected).max() <= 0.05 * max(1, np.abs(expected).max())
+
+
+def test_float16_sparse_weights_are_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"^export_litert\(quantization='float16'\) made a file whose outputs "
+        r"differ from the model's \(default: wrong outputs .*nothing was written\. "
+        r"LiteRT dequantizes sparse float16 weights wrongly",
+    ):
+        kp.export_litert(
+            seed_head(0.0023), tmp_path / "half.tflite", quantization="float16"
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_weight_the_converter_densifies_is_named(tmp_path):
+    with pytest.warns(UserWarning, match=r"\['fc1'\] run dense in"):
+        report = kp.export_litert(
+            seed_head(0.1), tmp_path / "dense.tflite", compare=False
+        )
+    assert report.weights[0].runs == "dense (DENSIFY at load)"
+    assert report.max_error <= 1e-4
+
+
+def test_the_last_layer_is_found_though_the_converter_renames_it(tmp_path):
+    report = kp.export_litert(
+        seed_head(0.0023, fc2_density=0.5), tmp_path / "both.tflite", compare=False
+    )
+    assert [w.layer for w in report.weights] == ["fc1", "fc2"]
+    assert report.weights[1].shape == (10, 1024)
+
+
+def test_an_exported_model_converts_its_sparse_dense_back_to_dense(tmp_path):
+    model = seed_head(0.0023)
+    exported = kp.export_sparse(model)
+    assert isinstance(exported.get_layer("fc1"), kp.SparseDense)
+    report = kp.export_litert(exported, tmp_path / "exported.tflite", compare=False)
+    assert [(w.layer, w.runs) for w in report.weights] == [("fc1", "sparse kernel")]
+
+
+def small_model():
+    model = kp.make_prunable(
+        keras.Sequential([keras.Input((8,)), L.Dense(4, name="fc")]), verbose=False
+    )
+    model.get_layer("fc").prune_to(np.eye(8, 4))
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"path": "model.keras"}, r"Expected `path` to end with '\.tflite'\. "
+         r"Received: path='model\.keras'"),
+        ({"quantization": "int4"}, r"Expected `quantization` to be one of "
+         r"\['float', 'float16', 'int8'\]\. Received: quantization='int4'"),
+        ({"repeats": 0}, r"Expected `repeats` to be a positive integer\. "
+         r"Received: repeats=0"),
+        ({"sample": np.ones((3, 5))}, r"Expected `sample` to be a batch of inputs "
+         r"of shape \(None, 8\)\. Received: sample\.shape=\(3, 5\)"),
+    ],
+    ids=["path", "quantization", "repeats", "sample"],
+)  # fmt: skip
+def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    arguments = {"path": tmp_path / "model.tflite", **kwargs}
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        kp.export_litert(small_model(), **arguments)
+
+
+def test_models_with_several_inputs_are_refused(tmp_path):
+    a, b = keras.Input((4,)), keras.Input((4,))
+    model = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
+    with pytest.raises(ValueError, match="models with one input.*2 inputs"):
+        kp.export_litert(model, tmp_path / "two.tflite")
