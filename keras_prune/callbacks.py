@@ -18,10 +18,12 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     masked_layers,
 )
 from keras_prune.masks import (
+    block_scores,
     check_finite,
     global_magnitude_masks,
     magnitude_mask,
     pruned_count,
+    validate_granularity,
     validate_sparsity,
 )
 from keras_prune.schedules import (
@@ -36,15 +38,21 @@ SCOPES = ("layer", "global")
 UNITS = ("epoch", "step")
 
 
-def _magnitude_cut(layer: Any, sparsity: float) -> dict[str, np.ndarray]:
+def _magnitude_cut(
+    layer: Any, sparsity: float, block: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:
     """The new masks of `layer`'s prunable weights at `sparsity`, by
-    magnitude, for those that lose weights (`magnitude_mask`)."""
+    magnitude (of single weights or of `block`s), for those that lose
+    weights (`magnitude_mask`)."""
     changed = {}
     masks = layer.masks
     for key, variable in layer.prunable_weights.items():
         mask = ops.convert_to_numpy(masks[key])
-        if pruned_count(sparsity, mask.size) > mask.size - np.count_nonzero(mask):
-            changed[key] = magnitude_mask(_finite(layer, key, variable), mask, sparsity)
+        live = block_scores(mask, mask, block)[1] if block else mask
+        if pruned_count(sparsity, live.size) > live.size - np.count_nonzero(live):
+            changed[key] = magnitude_mask(
+                _finite(layer, key, variable), mask, sparsity, block
+            )
     return changed
 
 
@@ -134,6 +142,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
             updated before training steps (optimizer iterations, so a
             resumed run continues where it stopped): for `fit` with one
             long epoch, or fine-tuning jobs. Defaults to `"epoch"`.
+        granularity: `"weight"` ranks and prunes single weights; `(units,
+            inputs)` ranks and prunes blocks of that many output units by
+            that many consecutive inputs (over a kernel's last two axes), by
+            their mean magnitude, with every schedule and scope; sparsities
+            then count blocks. `(1, 4)` is the layout of TFLite's sparse
+            FULLY_CONNECTED kernel (see `export_litert`): such masks run
+            there about twice as fast as single-weight ones. Defaults to
+            `"weight"`.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
@@ -164,8 +180,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
         min_kept: float | dict[str, float] | None = None,
         max_kept: float | dict[str, float] | None = None,
         unit: str = "epoch",
+        granularity: str | tuple[int, int] = "weight",
     ):
         super().__init__()
+        self.block = validate_granularity(granularity)
+        self.granularity = granularity if self.block is None else self.block
         self.begin_epoch = validate_step(begin_epoch, "begin_epoch")
         if end_epoch is not None:
             end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
@@ -420,7 +439,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             self._applied[label] = target
             for key, mask in layer.masks.items():
                 self._warn_if_full(layer, key, target, math.prod(mask.shape))
-            changed = _magnitude_cut(layer, target)
+            changed = _magnitude_cut(layer, target, self.block)
             if changed:
                 self._apply(layer, changed)
 
@@ -442,6 +461,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             sparsity,
             min_kept=[0.0 if v is None else v for v in mins],
             max_kept=[1.0 if v is None else v for v in maxs],
+            block=self.block,
         )
         self._warn_if_bounds_win(sparsity, new)
         by_layer: dict[int, tuple[Any, dict[str, np.ndarray]]] = {}
@@ -462,7 +482,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def _warn_if_bounds_win(self, sparsity: float, masks: list[np.ndarray]) -> None:
         """Says once when `min_kept`/`max_kept` (or weights pruned before)
-        move the global cut off its scheduled sparsity by more than a weight."""
+        move the global cut off its scheduled sparsity by more than a weight
+        (a block, with blocks)."""
+        if self.block is not None:
+            masks = [block_scores(m, m, self.block)[1] for m in masks]
         total = sum(mask.size for mask in masks)
         reached = 1.0 - sum(int(np.count_nonzero(m)) for m in masks) / total
         if self._warned_bounds or abs(reached - sparsity) <= 1.0 / total:
@@ -481,8 +504,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
         )
 
     @staticmethod
-    def prune_layer(layer: MaskedLayer, sparsity: float) -> None:
+    def prune_layer(
+        layer: MaskedLayer, sparsity: float, granularity: Any = "weight"
+    ) -> None:
         """Prunes each prunable weight of `layer` to `sparsity` by magnitude
+        (of single weights, or of blocks with `granularity=(units, inputs)`)
         if it is below it; never un-prunes, never empties a weight.
 
         Example:
@@ -493,7 +519,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         >>> layer.sparsity
         0.5
         """
-        changed = _magnitude_cut(layer, sparsity)
+        changed = _magnitude_cut(layer, sparsity, validate_granularity(granularity))
         if changed:
             layer.prune_to(changed)
 
@@ -628,6 +654,9 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "min_kept": self.min_kept,
             "max_kept": self.max_kept,
             "unit": self.unit,
+            "granularity": (
+                self.granularity if self.block is None else list(self.block)
+            ),
         }
 
     @classmethod

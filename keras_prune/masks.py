@@ -98,7 +98,10 @@ def sparsity_of(mask: np.ndarray) -> float:
 
 
 def magnitude_mask(
-    weights: np.ndarray, mask: np.ndarray | None, sparsity: float
+    weights: np.ndarray,
+    mask: np.ndarray | None,
+    sparsity: float,
+    block: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Computes a 0/1 mask that prunes the smallest-magnitude live weights.
 
@@ -114,6 +117,10 @@ def magnitude_mask(
         mask: The current 0/1 mask, same shape as `weights`, or `None` for a
             mask of ones.
         sparsity: Target fraction of zeros, in [0, 1).
+        block: `None` to rank single weights (the default), or `(units,
+            inputs)` to rank and prune whole blocks of that many output units
+            by that many consecutive inputs, by their mean magnitude (see
+            `block_scores`); the sparsity then counts blocks.
 
     Returns:
         A new array, the dtype and shape of `weights`, holding only 0 and 1.
@@ -126,6 +133,9 @@ def magnitude_mask(
 
     >>> magnitude_mask(np.array([0.1, -3.0, 0.5, 2.0]), None, 0.5)
     array([0., 1., 0., 1.])
+    >>> kernel = np.array([[0.1], [0.2], [3.0], [4.0]])  # 4 inputs, 1 unit
+    >>> magnitude_mask(kernel, None, 0.5, block=(1, 2)).ravel()
+    array([0., 0., 1., 1.])
 
     Reference:
         Han et al. 2015, "Learning both Weights and Connections for Efficient
@@ -142,7 +152,111 @@ def magnitude_mask(
             "Expected `mask` to have the shape of `weights`, "
             f"{weights.shape}. Received: mask.shape={mask.shape}"
         )
+    if block is not None:
+        scores, live = block_scores(weights, mask, block)
+        kept = magnitude_mask(scores, live, sparsity)
+        return (expand_blocks(kept, block, weights.shape) * (mask != 0)).astype(dtype)
     return _prune_smallest(weights, mask, pruned_count(sparsity, weights.size), dtype)
+
+
+def validate_granularity(value: object) -> tuple[int, int] | None:
+    """Checks a pruning granularity: `"weight"` (single weights, returned as
+    `None`) or `(units, inputs)`, a block of that many output units by that
+    many consecutive inputs (returned as a tuple of two ints).
+
+    Raises:
+        ValueError: Naming `granularity` and the value received.
+
+    Example:
+
+    >>> validate_granularity("weight"), validate_granularity([1, 4])
+    (None, (1, 4))
+    """
+    if isinstance(value, str) and value == "weight":
+        return None
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(
+            isinstance(n, int | np.integer) and not isinstance(n, bool) and n > 0
+            for n in value
+        )
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(
+        'Expected `granularity` to be "weight" or (units, inputs), two positive '
+        f"integers such as (1, 4). Received: granularity={value!r}"
+    )
+
+
+def _blocked(array: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """`array` (at least 2-D; 1-D is one column) zero-padded and reshaped
+    to `(..., input blocks, inputs, unit blocks, units)` over its last two
+    axes (inputs, units), the layout of Keras kernels."""
+    if array.ndim < 2:
+        array = array.reshape(-1, 1)
+    units, inputs = block
+    rows, cols = array.shape[-2:]
+    padded_rows, padded_cols = -(-rows // inputs) * inputs, -(-cols // units) * units
+    pad = [(0, 0)] * (array.ndim - 2) + [
+        (0, padded_rows - rows),
+        (0, padded_cols - cols),
+    ]
+    padded = np.pad(array, pad)
+    return padded.reshape(
+        *array.shape[:-2], padded_rows // inputs, inputs, padded_cols // units, units
+    )
+
+
+def block_scores(
+    weights: np.ndarray, mask: np.ndarray, block: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean magnitude of each block of live weights, and which blocks live.
+
+    Blocks tile the last two axes of a kernel, `(..., inputs, units)` in
+    Keras's layout: `block=(1, 4)` is 4 consecutive inputs of one unit,
+    TFLite's sparse FULLY_CONNECTED layout. Edge blocks are partial; a
+    block's score is the mean |weight| over its live weights.
+
+    Args:
+        weights: The kernel values, at least 1-D.
+        mask: The current 0/1 mask, same shape.
+        block: `(units, inputs)`.
+
+    Returns:
+        `(scores, live)`: float64 arrays of the block grid's shape; `live`
+        is 1 for blocks with a live weight.
+
+    Example:
+
+    >>> scores, live = block_scores(np.array([[1.0], [3.0], [5.0]]),
+    ...                             np.array([[1], [1], [0]]), (1, 2))
+    >>> scores.ravel(), live.ravel()
+    (array([2., 0.]), array([1., 0.]))
+    """
+    alive = _blocked(np.asarray(mask) != 0, block)
+    magnitudes = _blocked(np.abs(np.asarray(weights, dtype=np.float64)), block)
+    counts = alive.sum(axis=(-3, -1))
+    sums = np.where(alive, magnitudes, 0.0).sum(axis=(-3, -1))
+    scores = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return scores, (counts > 0).astype(np.float64)
+
+
+def expand_blocks(
+    block_mask: np.ndarray, block: tuple[int, int], shape: tuple[int, ...]
+) -> np.ndarray:
+    """A mask over blocks (`block_scores`' grid) back to weights of `shape`.
+
+    Example:
+
+    >>> expand_blocks(np.array([[0.0], [1.0]]), (1, 2), (3, 1)).ravel()
+    array([0., 0., 1.])
+    """
+    units, inputs = block
+    full = np.repeat(np.repeat(block_mask, inputs, axis=-2), units, axis=-1)
+    if len(shape) < 2:
+        return full[: shape[0], 0] if shape else full.reshape(())
+    return full[..., : shape[-2], : shape[-1]]
 
 
 def _mask_dtype(weights: np.ndarray) -> np.dtype:
@@ -188,6 +302,7 @@ def global_magnitude_masks(
     sparsity: float,
     min_kept: list[float] | None = None,
     max_kept: list[float] | None = None,
+    block: tuple[int, int] | None = None,
 ) -> list[np.ndarray]:
     """Prunes the smallest live weights of several tensors, ranked together.
 
@@ -206,6 +321,9 @@ def global_magnitude_masks(
             to `None` (no floor but one weight).
         max_kept: Per tensor, the most kept fraction, in [0, 1]. Defaults
             to `None` (no cap).
+        block: `None` for single weights (the default), or `(units,
+            inputs)` to rank whole blocks by mean magnitude, as in
+            `magnitude_mask`; sparsity and bounds then count blocks.
 
     Returns:
         The new 0/1 masks, one per tensor, dtypes of `weights`.
@@ -240,6 +358,27 @@ def global_magnitude_masks(
                 f"Received: {len(values)} entries"
             )
     arrays = [check_finite(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
+    if block is not None:
+        for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
+            if m is not None and np.shape(m) != w.shape:
+                raise ValueError(
+                    f"Expected `masks[{i}]` to have the shape of `weights[{i}]`, "
+                    f"{w.shape}. Received: {np.shape(m)}"
+                )
+        full = [np.ones(w.shape) if m is None else np.asarray(m) for w, m in
+                zip(arrays, masks, strict=True)]  # fmt: skip
+        grids = [block_scores(w, m, block) for w, m in zip(arrays, full, strict=True)]
+        kept = global_magnitude_masks(
+            [scores for scores, _ in grids],
+            [live for _, live in grids],
+            sparsity,
+            min_kept,
+            max_kept,
+        )
+        return [
+            (expand_blocks(k, block, w.shape) * (m != 0)).astype(_mask_dtype(w))
+            for k, w, m in zip(kept, arrays, full, strict=True)
+        ]
     current = []
     for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
         m = np.ones(w.shape, bool) if m is None else np.asarray(m) != 0

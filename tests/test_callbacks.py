@@ -649,3 +649,52 @@ def test_global_bounds_that_move_the_target_say_so(bounds, reached, why):
             callbacks=[IterativePruningCallback(0.9, "constant", scope="global",
                                                 **bounds)],
         )  # fmt: skip
+
+
+def blocks_of_four_are_whole(mask):
+    """Every run of 4 consecutive inputs of a unit is all kept or all pruned."""
+    grouped = np.asarray(mask).reshape(-1, 4, mask.shape[-1])
+    return bool(np.all(grouped.min(axis=1) == grouped.max(axis=1)))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_block_granularity_prunes_whole_blocks_of_four_inputs(scope):
+    # fc1: 20 inputs, 5 blocks of 4; fc2: 30 inputs, 7 blocks of 4 and one of 2.
+    model = small_model()
+    x, y = data()
+    callback = IterativePruningCallback(
+        final_sparsity=0.75, granularity=(1, 4), scope=scope
+    )
+    history = model.fit(x, y, epochs=4, verbose=0, callbacks=[callback])
+    fc1 = ops.convert_to_numpy(model.get_layer("fc1").mask)
+    assert blocks_of_four_are_whole(fc1)
+    if scope == "layer":
+        # 5 x 30 blocks, 75% of them pruned.
+        assert np.count_nonzero(fc1) == round(0.25 * 150) * 4
+        assert history.history["sparsity/fc1"][-1] == pytest.approx(0.75, abs=0.01)
+    else:
+        blocks = 150 + 8 * 5  # fc2: 30 inputs = 7 whole blocks and one of 2
+        fc2 = ops.convert_to_numpy(model.get_layer("fc2").mask)
+        kept = (
+            np.count_nonzero(fc1) // 4
+            + np.count_nonzero(fc2.reshape(-1)[: 28 * 5]) // 4
+            + np.count_nonzero(fc2[28:]) // 2
+        )
+        assert kept == blocks - round(0.75 * blocks)
+
+
+def test_granularity_round_trips_through_the_config():
+    callback = IterativePruningCallback(0.9, granularity=[1, 4])
+    assert callback.granularity == (1, 4)
+    config = callback.get_config()
+    assert config["granularity"] == [1, 4]
+    assert IterativePruningCallback.from_config(config).block == (1, 4)
+    assert IterativePruningCallback(0.9).get_config()["granularity"] == "weight"
+
+
+def test_prune_layer_takes_a_granularity():
+    layer = MaskedDense(3)
+    layer.build((None, 8))
+    IterativePruningCallback.prune_layer(layer, 0.5, granularity=(1, 4))
+    assert blocks_of_four_are_whole(ops.convert_to_numpy(layer.mask))
+    assert layer.sparsity == 0.5

@@ -170,3 +170,15 @@ def test_models_with_several_inputs_are_refused(tmp_path):
     model = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
     with pytest.raises(ValueError, match="models with one input.*2 inputs"):
         kp.export_litert(model, tmp_path / "two.tflite")
+
+
+def test_masks_in_blocks_of_four_inputs_run_as_blocks(tmp_path):
+    model = seed_head(1.0)
+    kp.IterativePruningCallback.prune_layer(
+        model.get_layer("fc1"), 0.9977, granularity=(1, 4)
+    )
+    report = kp.export_litert(model, tmp_path / "blocks.tflite", compare=False)
+    assert [(w.storage, w.runs) for w in report.weights] == [
+        ("sparse, 1x4 blocks", "sparse kernel")
+    ]
+    assert report.max_error <= 1e-4

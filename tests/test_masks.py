@@ -1,7 +1,17 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from keras_prune.masks import magnitude_mask, sparsity_of, validate_sparsity
+from keras_prune.masks import (
+    block_scores,
+    expand_blocks,
+    global_magnitude_masks,
+    magnitude_mask,
+    sparsity_of,
+    validate_granularity,
+    validate_sparsity,
+)
 
 
 def test_linspace_half_keeps_exactly_the_fifty_largest():
@@ -68,3 +78,83 @@ def test_bad_sparsity_names_argument_and_value(value):
 def test_sparsity_of_counts_zeros():
     assert sparsity_of(np.array([[1, 0], [0, 0]])) == 0.75
     assert sparsity_of(np.array([])) == 0.0
+
+
+# --- blocks ---------------------------------------------------------------
+
+
+def test_blocks_of_four_inputs_are_ranked_by_mean_magnitude():
+    # 8 inputs x 2 units; block (1, 4): four blocks, means 1, 2 | 10, 0.5.
+    kernel = np.array(
+        [[1, 10], [1, 10], [1, 10], [1, 10], [2, 0.5], [2, 0.5], [2, 0.5], [2, 0.5]],
+        dtype="float32",
+    )
+    mask = magnitude_mask(kernel, None, 0.5, block=(1, 4))
+    np.testing.assert_array_equal(mask[:, 0], [0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(mask[:, 1], [1, 1, 1, 1, 0, 0, 0, 0])
+    assert mask.dtype == np.float32
+
+
+def test_blocks_rank_only_live_weights_and_never_revive():
+    kernel = np.array([[5.0], [5.0], [0.1], [0.2], [0.3], [0.4]])
+    current = np.array([[0.0], [0.0], [1], [1], [1], [1]])  # 5s pruned before
+    # Blocks of 2: (5, 5) dead, (0.1, 0.2) mean 0.15, (0.3, 0.4) mean 0.35.
+    mask = magnitude_mask(kernel, current, 2 / 3, block=(1, 2))
+    np.testing.assert_array_equal(mask.ravel(), [0, 0, 0, 0, 1, 1])
+    # A block with one live weight keeps only that weight alive.
+    partial = np.array([[1.0], [0.0], [1], [1], [1], [1]])
+    mask = magnitude_mask(kernel, partial, 1 / 3, block=(1, 2))
+    np.testing.assert_array_equal(mask.ravel(), [1, 0, 0, 0, 1, 1])
+
+
+def test_edge_blocks_are_partial_and_conv_kernels_block_input_channels():
+    # 6 inputs with blocks of 4: one block of 4 and one of 2.
+    scores, live = block_scores(np.arange(6.0).reshape(6, 1), np.ones((6, 1)), (1, 4))
+    np.testing.assert_array_equal(scores.ravel(), [1.5, 4.5])
+    # A 3x3 convolution, 8 input channels, 2 filters: blocks of 4 channels.
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 8, 2))
+    mask = magnitude_mask(kernel, None, 0.75, block=(1, 4))
+    grouped = mask.reshape(3, 3, 2, 4, 2)
+    assert np.all(grouped.min(axis=3) == grouped.max(axis=3))  # whole blocks
+    assert np.count_nonzero(mask) == 9 * 2 * 2 // 4 * 4
+
+
+def test_global_ranking_of_blocks_across_tensors():
+    small = np.full((4, 2), 0.1)
+    large = np.full((4, 2), 1.0)
+    large[:2, 0] = 0.05  # one block of `large` is the smallest of all
+    masks = global_magnitude_masks([small, large], [None, None], 0.5, block=(1, 2))
+    kept = [int(np.count_nonzero(m)) for m in masks]
+    assert kept == [2, 6]  # small keeps one block of 2 (never emptied)
+    assert masks[1][0, 0] == 0 and masks[1][:, 1].all()
+
+
+@pytest.mark.parametrize("value", ["block", (0, 4), (1,), (1.5, 4), (True, 4), 4, None])
+def test_bad_granularity_is_named(value):
+    with pytest.raises(
+        ValueError,
+        match=r'^Expected `granularity` to be "weight" or \(units, inputs\), two '
+        r"positive integers such as \(1, 4\)\. Received: granularity=",
+    ):
+        validate_granularity(value)
+
+
+@settings(max_examples=40, derandomize=True, database=None, deadline=None)
+@given(
+    rows=st.integers(1, 13),
+    cols=st.integers(1, 5),
+    block=st.tuples(st.integers(1, 3), st.integers(1, 5)),
+    sparsities=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=4),
+)
+def test_block_masks_are_whole_blocks_and_only_lose_weights(
+    rows, cols, block, sparsities
+):
+    weights = np.random.default_rng(rows * 10 + cols).normal(size=(rows, cols))
+    mask = np.ones((rows, cols))
+    for sparsity in sorted(sparsities):
+        new = magnitude_mask(weights, mask, sparsity, block=block)
+        assert np.all(new <= mask) and new.any()
+        _, live = block_scores(new, new, block)
+        # Starting from a full mask, each block is all kept or all pruned.
+        np.testing.assert_array_equal(expand_blocks(live, block, new.shape), new)
+        mask = new
