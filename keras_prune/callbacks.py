@@ -56,6 +56,17 @@ def _magnitude_cut(
     return changed
 
 
+def _threshold(
+    weights: np.ndarray, mask: np.ndarray, block: tuple[int, int] | None
+) -> float:
+    """The smallest magnitude `mask` keeps (of single weights, or the mean
+    magnitude of blocks): the cut's threshold, below which it pruned."""
+    if block is not None:
+        scores, live = block_scores(weights, mask, block)
+        return float(scores[live != 0].min(initial=np.inf))
+    return float(np.abs(weights[mask != 0]).min(initial=np.inf))
+
+
 def _finite(layer: Any, key: str, variable: Any) -> np.ndarray:
     """The weight's values; raises naming the layer if any is NaN or inf."""
     return check_finite(
@@ -94,7 +105,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
       says what was rolled back.
 
     After every epoch, each layer's sparsity is added to `logs` as
-    `"sparsity/<layer name>"`, so it shows in the progress bar and `History`.
+    `"sparsity/<layer name>"`, and, once a cut has pruned the layer, its
+    threshold as `"threshold/<layer name>"` (the smallest magnitude that cut
+    kept: weights below it were pruned; with blocks, the smallest kept
+    block's mean magnitude), so they show in the progress bar, `History`
+    and, with `keras.callbacks.TensorBoard` placed *after* this callback in
+    `callbacks`, as TensorBoard scalars (`epoch_sparsity/<layer name>`;
+    `TensorBoard(histogram_freq=1)` adds weight histograms, pruned weights
+    at zero).
 
     In a custom training loop, drive it by hand: `callback.set_model(model)`,
     `callback.set_params({"epochs": epochs})`, `callback.on_train_begin()`,
@@ -267,6 +285,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._cut_masks: dict[tuple[int, str], np.ndarray] = {}
         self._warned_full: set[tuple[str, str]] = set()
         self._warned_bounds = False
+        # {id(layer): smallest magnitude its last cut kept}, for the logs.
+        self._thresholds: dict[int, float] = {}
         self._applied: dict[str | None, float] = {}
         self._cut_masks_owner: Any = None
         self._epoch_start_step = 0
@@ -399,7 +419,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
             sync()
 
     def _apply(self, layer: Any, new_masks: dict[str, np.ndarray]) -> None:
-        """Sets masks, zeroes the pruned weights and their optimizer state."""
+        """Records the cut's threshold, sets masks, zeroes the pruned weights
+        and their optimizer state."""
+        self._thresholds[id(layer)] = min(
+            _threshold(
+                ops.convert_to_numpy(layer.prunable_weights[key]), mask, self.block
+            )
+            for key, mask in new_masks.items()
+        )
         layer.prune_to(new_masks, optimizer=getattr(self.model, "optimizer", None))
         for key, mask in new_masks.items():
             self._cut_masks[(id(layer), key)] = mask != 0
@@ -622,6 +649,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
             return
         for label, layer in self._labelled():
             logs[f"sparsity/{label}"] = layer.sparsity
+            if id(layer) in self._thresholds:
+                logs[f"threshold/{label}"] = self._thresholds[id(layer)]
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # Runs after `fit` copied an optimizer's EMA weights back.

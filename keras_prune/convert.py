@@ -491,7 +491,7 @@ def _clone_functional(
     return plain
 
 
-EXPORT_COMPUTE = ("auto", "dense", "native", "coo", "csr")
+EXPORT_COMPUTE = ("auto", "tensorflow", "dense", "native", "coo", "csr")
 
 
 def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
@@ -520,10 +520,12 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     Args:
         model: A `keras.Model` of any kind.
         compute: How the `SparseDense` layers compute: `"auto"` as above;
-            `"dense"` always a dense matmul (any backend); `"native"`,
-            `"coo"` or `"csr"` to force that sparse kernel (TensorFlow
-            only; `"coo"` and `"csr"` are TensorFlow's own ops, so plain
-            TensorFlow serves their SavedModels). Defaults to `"auto"`.
+            `"tensorflow"` the same choice among TensorFlow's own ops only,
+            for a SavedModel that plain TensorFlow (TF Serving) loads
+            without keras_prune (`model.export(path)`); `"dense"` always a
+            dense matmul (any backend); `"native"`, `"coo"` or `"csr"` to
+            force that sparse kernel (TensorFlow only). Defaults to
+            `"auto"`.
 
     Returns:
         A new `keras.Model`, ready for `predict`, `save` and `export` (no
@@ -566,7 +568,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
                 "Expected every masked layer to be built before export. "
                 f"Received: layer {layer.name!r}, not built"
             )
-    if compute not in ("auto", "dense"):
+    if compute not in ("auto", "dense"):  # TensorFlow's kernels, or ours
         from keras_prune.inference.backend import tensorflow_module
 
         tensorflow_module(f"export_sparse(compute={compute!r})")
@@ -633,12 +635,15 @@ def _would_run_sparse(layer: MaskedLayer, compute: str) -> bool:
     """Whether a `SparseDense` made from `layer` would run a sparse kernel."""
     if compute == "dense" or keras.backend.backend() != "tensorflow":
         return False
-    if compute != "auto":
+    if compute not in ("auto", "tensorflow"):
         return True
     from keras_prune.inference import sparse_ops
 
     mask = ops.convert_to_numpy(layer.masks["kernel"])
-    return sparse_ops.pays_off(np.count_nonzero(mask) / mask.size, mask.size)
+    native_kernel = None if compute == "auto" else False
+    return sparse_ops.pays_off(
+        np.count_nonzero(mask) / mask.size, mask.size, native_kernel
+    )
 
 
 def _compact_targets(model: keras.Model, pruned: set[int]) -> list[Any]:

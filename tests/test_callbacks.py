@@ -125,7 +125,19 @@ def test_hooks_called_directly_prune_before_the_epoch_and_log_after():
     assert model.get_layer("fc1").sparsity == 0.5
     logs = {"loss": 1.0}
     callback.on_epoch_end(2, logs)
-    assert logs == {"loss": 1.0, "sparsity/fc1": 0.5, "sparsity/fc2": 0.5}
+
+    def smallest_kept(name):  # the threshold: the smallest magnitude kept
+        layer = model.get_layer(name)
+        kept = ops.convert_to_numpy(layer.mask) != 0
+        return pytest.approx(np.abs(ops.convert_to_numpy(layer.kernel)[kept]).min())
+
+    assert logs == {
+        "loss": 1.0,
+        "sparsity/fc1": 0.5,
+        "sparsity/fc2": 0.5,
+        "threshold/fc1": smallest_kept("fc1"),
+        "threshold/fc2": smallest_kept("fc2"),
+    }
 
 
 @pytest.mark.filterwarnings("ignore:`end_epoch`=5 is past")
@@ -698,3 +710,36 @@ def test_prune_layer_takes_a_granularity():
     IterativePruningCallback.prune_layer(layer, 0.5, granularity=(1, 4))
     assert blocks_of_four_are_whole(ops.convert_to_numpy(layer.mask))
     assert layer.sparsity == 0.5
+
+
+def test_sparsity_and_threshold_reach_tensorboard(tmp_path):
+    tf = pytest.importorskip("tensorflow", reason="TensorBoard writes with TF")
+    pytest.importorskip("tensorboard", reason="keras' TensorBoard callback needs it")
+    model = small_model()
+    x, y = data()
+    model.fit(
+        x,
+        y,
+        epochs=3,
+        verbose=0,
+        callbacks=[
+            IterativePruningCallback(final_sparsity=0.9, end_epoch=2),
+            keras.callbacks.TensorBoard(str(tmp_path), histogram_freq=1),
+        ],
+    )
+    scalars, histograms = {}, set()
+    for path in (tmp_path / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                if plugin == "histograms":
+                    histograms.add(value.tag)
+                elif plugin == "scalars":
+                    number = float(tf.make_ndarray(value.tensor))
+                    scalars.setdefault(value.tag, []).append((event.step, number))
+    sparsity = [v for _, v in sorted(scalars["epoch_sparsity/fc1"])]
+    assert sparsity[-1] == pytest.approx(0.9) and sparsity == sorted(sparsity)
+    thresholds = [v for _, v in sorted(scalars["epoch_threshold/fc1"])]
+    assert len(thresholds) == 3 and thresholds == sorted(thresholds)
+    assert thresholds[-1] > 0
+    assert any(tag.endswith("/fc1/kernel/histogram") for tag in histograms)

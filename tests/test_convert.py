@@ -1,3 +1,5 @@
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -303,7 +305,8 @@ def test_export_sparse_refuses_unknown_compute():
     with pytest.raises(
         ValueError,
         match=r"^Expected `compute` to be one of "
-        r"\['auto', 'dense', 'native', 'coo', 'csr'\]\. Received: compute='fast'$",
+        r"\['auto', 'tensorflow', 'dense', 'native', 'coo', 'csr'\]\. "
+        r"Received: compute='fast'$",
     ):
         export_sparse(keras.Sequential([keras.Input((2,)), MaskedDense(1)]), "fast")
 
@@ -353,3 +356,68 @@ def test_mixed_precision_export_serves_at_batch_1_5_and_130(compute):
         assert served.dtype == expected.dtype == np.float16
         # Both round inputs and weights to float16; their sums differ in order.
         np.testing.assert_allclose(served, expected, rtol=1e-2, atol=1e-2)
+
+
+SERVE_WITHOUT_KERAS_PRUNE = """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    served = tf.saved_model.load(sys.argv[1])
+    function = served.signatures["serve"]
+    graph = function.graph.as_graph_def()
+    kinds = {node.op for node in graph.node}
+    kinds |= {node.op for f in graph.library.function for node in f.node_def}
+    x = np.load(sys.argv[2])
+    outputs = [
+        list(function(tf.constant(x[:rows])).values())[0].numpy()
+        for rows in (1, 64)
+    ]
+    np.savez(sys.argv[3], one=outputs[0], many=outputs[1])
+    print(sorted(kinds))
+    print([name for name in sys.modules if name.startswith("keras_prune")])
+"""
+
+
+def test_tensorflow_compute_is_served_by_plain_tensorflow_and_stays_sparse(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    dense = keras.Sequential(
+        [keras.Input((3136,)), layers.Dense(1024, name="fc1"), layers.Dense(10)]
+    )
+    masked = make_prunable(dense)
+    mask = np.random.default_rng(0).random((3136, 1024)) < 0.01
+    masked.get_layer("fc1").prune_to(mask)
+    exported = export_sparse(masked, compute="tensorflow")
+    fc1 = exported.get_layer("fc1")
+    assert [fc1.compute_path(b) for b in (1, 256, None)] == ["coo", "csr", "auto"]
+    exported.export(str(tmp_path / "served"), verbose=False)
+    x = np.random.default_rng(1).normal(size=(64, 3136)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SERVE_WITHOUT_KERAS_PRUNE),
+            str(tmp_path / "served"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    kinds, imported = result.stdout.splitlines()[-2:]
+    assert imported == "[]"
+    # Batch sizes unknown in the signature: COO or CSR chosen at run time.
+    assert "SparseTensorDenseMatMul" in kinds and "SparseMatrixMatMul" in kinds
+    assert "KerasPruneSparseMatMul" not in kinds
+    outputs = np.load(tmp_path / "out.npz")
+    expected = masked.predict(x, verbose=0)
+    np.testing.assert_allclose(outputs["one"], expected[:1], atol=1e-4)
+    np.testing.assert_allclose(outputs["many"], expected, atol=1e-4)

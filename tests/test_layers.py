@@ -374,7 +374,7 @@ def test_sparse_dense_refuses_unknown_compute():
     with pytest.raises(
         ValueError,
         match=r"^Expected `compute` to be one of "
-        r"\['auto', 'dense', 'native', 'coo', 'csr'\]\. "
+        r"\['auto', 'tensorflow', 'dense', 'native', 'coo', 'csr'\]\. "
         r"Received: compute='gpu'$",
     ):
         SparseDense(3, compute="gpu")

@@ -22,7 +22,7 @@ from keras_prune.inference.backend import tensorflow_module
 # The sparse kernels a `SparseDense` can run (see
 # `keras_prune.inference.sparse_ops`), and every value of `compute`.
 PATHS = ("native", "coo", "csr")
-COMPUTE = ("auto", "dense", *PATHS)
+COMPUTE = ("auto", "tensorflow", "dense", *PATHS)
 # Dtypes the native kernel takes (it computes in float32).
 NATIVE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -119,12 +119,16 @@ def _add_bias_and_activate(layer: Any, outputs: Any) -> Any:
 
 
 def _sparse_pays(layer: Any) -> bool:
-    """Whether `compute="auto"` runs a sparse kernel for `layer` (TensorFlow
-    only, where `sparse_ops.pays_off` says so for its size and density)."""
+    """Whether `compute="auto"` (or `"tensorflow"`) runs a sparse kernel for
+    `layer`: on TensorFlow, where `sparse_ops.pays_off` says so for its size
+    and density (with TensorFlow's own kernels only for `"tensorflow"`)."""
     if keras.backend.backend() != "tensorflow":
         return False
     weights = layer.input_dim * layer.units
-    return bool(weights) and _sparse_ops().pays_off(layer.nnz / weights, weights)
+    native_kernel = None if layer.compute == "auto" else False
+    return bool(weights) and _sparse_ops().pays_off(
+        layer.nnz / weights, weights, native_kernel
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_prune")
@@ -155,6 +159,10 @@ class SparseDense(keras.layers.Layer):
       and at least 100,000 weights with the native kernel), choosing the
       kernel by batch size; `"dense"` otherwise and on backends other than
       TensorFlow. So the layer is never slower than the `Dense` it replaces.
+    - `"tensorflow"`: the same choice among TensorFlow's own kernels (COO
+      or CSR, by batch size, at run time for an unknown batch size) and a
+      dense matmul: a SavedModel of it is served by plain TensorFlow (TF
+      Serving) without keras_prune.
 
     `layer.compute_path(batch_size)` says which runs. In memory a sparse
     path holds `values` (the nonzeros) and `indices` (int64 `(unit, input)`
@@ -171,8 +179,8 @@ class SparseDense(keras.layers.Layer):
         activation: Activation function, or `None` for linear. Defaults to
             `None`.
         use_bias: Whether the layer adds a bias vector. Defaults to `True`.
-        compute: `"auto"`, `"dense"`, `"native"`, `"coo"` or `"csr"`.
-            Defaults to `"auto"`.
+        compute: `"auto"`, `"tensorflow"`, `"dense"`, `"native"`, `"coo"`
+            or `"csr"`. Defaults to `"auto"`.
         **kwargs: Base layer arguments, such as `name` and `dtype`.
 
     Input shape:
@@ -283,7 +291,7 @@ class SparseDense(keras.layers.Layer):
     def build(self, input_shape: tuple) -> None:
         self.input_dim = int(input_shape[-1])
         self.computes_dense = self.compute == "dense" or (
-            self.compute == "auto" and not _sparse_pays(self)
+            self.compute in ("auto", "tensorflow") and not _sparse_pays(self)
         )
         self.supports_jit = self.computes_dense
         if self.computes_dense:
@@ -391,9 +399,11 @@ class SparseDense(keras.layers.Layer):
         call, for an unknown batch size without the native kernel)."""
         if self.computes_dense:
             return "dense"
-        if self.compute != "auto":
+        if self.compute not in ("auto", "tensorflow"):
             return self.compute
-        return _sparse_ops().choose_path(batch_size, self.compute_dtype)
+        return _sparse_ops().choose_path(
+            batch_size, self.compute_dtype, native_kernel=self.compute == "auto"
+        )
 
     def dense_kernel(self) -> np.ndarray:
         """Returns the kernel as a dense numpy array `(input_dim, units)`."""

@@ -50,28 +50,31 @@ SPARSE_MIN_WEIGHTS = 100_000
 SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE = 1_000_000
 
 
-def pays_off(density: float, weights: int) -> bool:
+def pays_off(density: float, weights: int, native_kernel: bool | None = None) -> bool:
     """Whether a sparse kernel beats a dense matmul for a layer with
-    `weights` weights of which a fraction `density` is kept.
+    `weights` weights of which a fraction `density` is kept (with the
+    native kernel where it is available, or as `native_kernel` says).
 
     Example:
 
     >>> pays_off(0.01, 3136 * 1024), pays_off(0.3, 3136 * 1024)
     (True, False)
     """
-    minimum = (
-        SPARSE_MIN_WEIGHTS if native.available() else SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE
-    )
+    if native_kernel is None:
+        native_kernel = native.available()
+    minimum = SPARSE_MIN_WEIGHTS if native_kernel else SPARSE_MIN_WEIGHTS_WITHOUT_NATIVE
     return density <= DENSE_MIN_DENSITY and weights >= minimum
 
 
-def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
+def choose_path(
+    batch_size: int | None, dtype: Any = "float32", native_kernel: bool = True
+) -> str:
     """The sparse kernel for a call with `batch_size` rows of `dtype`.
 
-    `"native"` when keras_prune's kernel is loaded and `dtype` is float32,
-    float16 or bfloat16 (it computes in float32); else TensorFlow's `"coo"`
-    up to `COO_MAX_BATCH` rows and `"csr"` above, or `"auto"` for an unknown
-    batch size (decided at run time).
+    `"native"` when keras_prune's kernel is loaded, `native_kernel` allows
+    it and `dtype` is float32, float16 or bfloat16 (it computes in float32);
+    else TensorFlow's `"coo"` up to `COO_MAX_BATCH` rows and `"csr"` above,
+    or `"auto"` for an unknown batch size (decided at run time).
 
     Example:
 
@@ -80,7 +83,7 @@ def choose_path(batch_size: int | None, dtype: Any = "float32") -> str:
     >>> choose_path(1) == ("native" if native.available() else "coo")
     True
     """
-    if tf.as_dtype(dtype) in NATIVE_DTYPES and native.available():
+    if native_kernel and tf.as_dtype(dtype) in NATIVE_DTYPES and native.available():
         return "native"
     if batch_size is None:
         return "auto"
@@ -106,9 +109,10 @@ def sparse_matmul(
         indices: int64 tensor `(nnz, 2)` of `(unit, input)` pairs, row-major.
         input_dim: Rows of `W`.
         units: Columns of `W`.
-        path: `"native"`, `"coo"`, `"csr"`, or `"auto"` for `choose_path`'s
+        path: `"native"`, `"coo"`, `"csr"`, `"auto"` for `choose_path`'s
             choice (at trace time; between `"coo"` and `"csr"` at run time
-            when the batch size is unknown). Defaults to `"auto"`.
+            when the batch size is unknown), or `"tensorflow"` for the same
+            choice among TensorFlow's own kernels only. Defaults to `"auto"`.
 
     Example:
 
@@ -122,8 +126,8 @@ def sparse_matmul(
     if inputs.shape.rank != 2:
         flat = tf.reshape(flat, [-1, input_dim])
     batch = flat.shape[0]
-    if path == "auto":
-        path = choose_path(batch, values.dtype)
+    if path in ("auto", "tensorflow"):
+        path = choose_path(batch, values.dtype, native_kernel=path == "auto")
     if path == "native":
         if values.dtype not in NATIVE_DTYPES:
             raise ValueError(
