@@ -380,7 +380,7 @@ def _predict(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
     detail = interpreter.get_input_details()[0]
     interpreter.set_tensor(detail["index"], inputs.astype(detail["dtype"]))
     interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
 
 
 def _error(got: np.ndarray, expected: np.ndarray) -> float:
@@ -621,3 +621,56 @@ def export_litert(
             stacklevel=2,
         )
     return report
+
+
+def predict(
+    model_file: str | os.PathLike | bytes,
+    inputs: np.ndarray,
+    *,
+    resolver: str = "default",
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Runs a single-input `.tflite` file on `inputs` with LiteRT, one
+    thread, `batch_size` rows at a time.
+
+    Args:
+        model_file: The file's path, or its contents.
+        inputs: A numpy array with a batch dimension.
+        resolver: `"default"` (LiteRT's default delegates, XNNPACK) or
+            `"without_default_delegates"` (see `LiteRTReport.resolver`).
+            Defaults to `"default"`.
+        batch_size: Rows per call. Defaults to `256`.
+
+    Returns:
+        The outputs, a numpy array with `len(inputs)` rows.
+
+    Raises:
+        ValueError: For an unknown `resolver`.
+
+    Example:
+
+    >>> import tempfile
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.tflite")
+    >>> _ = export_litert(model, path, compare=False)
+    >>> x = np.ones((5, 3), "float32")
+    >>> bool(np.allclose(predict(path, x), model.predict(x, verbose=0), atol=1e-5))
+    True
+    """
+    if resolver not in RESOLVERS:
+        raise ValueError(
+            f"Expected `resolver` to be one of {list(RESOLVERS)}. "
+            f"Received: resolver={resolver!r}"
+        )
+    if not isinstance(model_file, bytes):
+        with open(model_file, "rb") as file:
+            model_file = file.read()
+    inputs = np.asarray(inputs)
+    outputs = []
+    interpreter = None
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        if interpreter is None or len(chunk) != batch_size:
+            interpreter = _interpreter(model_file, resolver, len(chunk))
+        outputs.append(_predict(interpreter, chunk))
+    return np.concatenate(outputs)

@@ -1,6 +1,7 @@
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,14 @@ def test_quick_run_writes_a_sane_report_csv_and_plot(quick_run):
         assert float(row["test_accuracy"]) > 0.5  # chance is 0.1
     report = (out / "report.md").read_text()
     assert "Quick mode" in report and "| sparse |" in report
+    # The deployable files, and the LiteRT file scoring what Keras scores.
+    assert (out / "sparse.keras").stat().st_size < 1_000_000
+    assert (out / "sparse.tflite").stat().st_size < 1_000_000
+    found = re.search(
+        r"test accuracy\s+([\d.]+)% \(the Keras model's: ([\d.]+)%\)", report
+    )
+    assert found and abs(float(found[1]) - float(found[2])) <= 0.1
+    assert "fc1    1024x3136" in report and "sparse kernel" in report
     png = (out / "accuracy_vs_kept.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # Only the last round's checkpoint is kept, beside the dense model's.

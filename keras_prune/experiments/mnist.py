@@ -81,6 +81,8 @@ class MnistResult:
     summary: str
     wall_seconds: float
     versions: dict[str, str]
+    litert: kp.LiteRTReport | None = None
+    litert_accuracy: float | None = None
 
 
 def seed_convnet(dropout: float = 0.5) -> keras.Model:
@@ -325,20 +327,38 @@ def prune(
 
 @dataclasses.dataclass
 class Deployment:
-    """The exported model and what it costs: file sizes and inference times."""
+    """The exported model and what it costs: file sizes and inference times,
+    and the LiteRT file's report and test accuracy."""
 
     sparse: keras.Model
     sizes: dict[str, int]
     times: dict[str, float]
     sparse_accuracy: float
     max_difference: float
+    litert: kp.LiteRTReport
+    litert_accuracy: float
 
 
 def deploy(
-    config: MnistConfig, dense: keras.Model, masked: keras.Model, data: Data
+    config: MnistConfig,
+    dense: keras.Model,
+    masked: keras.Model,
+    data: Data,
+    folder: str,
 ) -> Deployment:
-    """Exports the masked model sparse; measures sizes, accuracy and timing."""
+    """Exports the masked model sparse (`sparse.keras`) and to LiteRT
+    (`sparse.tflite`) in `folder`; measures sizes, accuracy and timing."""
+    from keras_prune import litert
+
     sparse = kp.export_sparse(masked)
+    save_without_optimizer(sparse, os.path.join(folder, "sparse.keras"))
+    report = kp.export_litert(
+        masked,
+        os.path.join(folder, "sparse.tflite"),
+        sample=data.x_test[:64],
+        repeats=50 if config.quick else 500,
+    )
+    tflite_logits = litert.predict(report.path, data.x_test, resolver=report.resolver)
     masked_logits = masked.predict(data.x_test, batch_size=1000, verbose=0)
     sparse_logits = sparse.predict(data.x_test, batch_size=1000, verbose=0)
     models = {"dense": dense, "masked": masked, "sparse": sparse}
@@ -353,6 +373,8 @@ def deploy(
         times=time_test_set(models, data.x_test, repeats=3 if config.quick else 15),
         sparse_accuracy=float(np.mean(sparse_logits.argmax(1) == data.y_test)),
         max_difference=float(np.abs(sparse_logits - masked_logits).max()),
+        litert=report,
+        litert_accuracy=float(np.mean(tflite_logits.argmax(1) == data.y_test)),
     )
 
 
@@ -413,7 +435,7 @@ def run(
         dense, dense_row = train_dense(config, data, verbose)
         folder.record([dataclasses.asdict(dense_row)], {"dense": dense})
     masked, _ = prune(config, dense, data, verbose, folder)
-    deployment = deploy(config, dense, masked, data)
+    deployment = deploy(config, dense, masked, data, folder.path)
     folder.record(folder.rows, finished=True)
     return MnistResult(
         config=config,
@@ -425,6 +447,8 @@ def run(
         summary=str(kp.sparsity_summary(deployment.sparse)),
         wall_seconds=folder.seconds(),
         versions=versions(),
+        litert=deployment.litert,
+        litert_accuracy=deployment.litert_accuracy,
     )
 
 

@@ -61,6 +61,26 @@ def deployment_table(sizes: dict[str, int], times: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def litert_section(result: MnistResult) -> str:
+    """The LiteRT part of the report: `export_litert`'s table, and the
+    file's test accuracy next to the Keras model's."""
+    report = result.litert
+    if report is None:
+        return ""
+    keras_accuracy = result.rounds[-1].test_accuracy
+    return f"""
+### LiteRT
+
+`keras_prune.export_litert(masked, "sparse.tflite")`: test accuracy
+{result.litert_accuracy:.2%} (the Keras model's: {keras_accuracy:.2%}); batch-1
+latency with one thread, median, against the same model converted dense.
+
+```
+{report}
+```
+"""
+
+
 def plot(rounds: list[Round], path: str | None = None) -> Any:
     """Test accuracy against kept fraction (log x), ours beside the seed's.
 
@@ -165,7 +185,8 @@ pruned; "kept" counts the weights of both. Wall time: {minutes:.1f} min.
 
 ## Deployment
 
-The sparse model is `keras_prune.export_sparse(masked)`; its test accuracy is
+The sparse model is `keras_prune.export_sparse(masked)` (`sparse.keras` in this
+folder, next to `sparse.tflite`, its LiteRT export); its test accuracy is
 {result.sparse_accuracy:.2%}, and its logits differ from the masked model's by
 at most {result.max_difference:.2e}. Sizes are `.keras` files without optimizer
 state; times are medians of one compiled call on the whole test set.
@@ -175,7 +196,7 @@ state; times are medians of one compiled call on the whole test set.
 ```
 {result.summary}
 ```
-
+{litert_section(result)}
 {_settings_and_versions(result.config, result.versions)}""",
     )
     plot(result.rounds, paths["plot"])
