@@ -42,7 +42,10 @@ tf.get_logger().setLevel("ERROR")
 import keras_prune as kp  # noqa: E402
 from keras_prune import litert  # noqa: E402
 from keras_prune.experiments.data import load_mnist, preprocess  # noqa: E402
-from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
+from keras_prune.experiments.mnist import (  # noqa: E402
+    save_without_optimizer,
+    seed_convnet,
+)
 from keras_prune.experiments.timing import time_interleaved  # noqa: E402
 
 DENSITIES = (0.1, 0.01, 0.0023)
@@ -71,9 +74,8 @@ def head(density, blocks, seed=0):
 
 
 def keras_size(model, folder, name):
-    path = os.path.join(folder, f"{name}.keras")
-    model.save(path)
-    return os.path.getsize(path)
+    """Size of `model`'s `.keras` file without optimizer state."""
+    return save_without_optimizer(model, os.path.join(folder, f"{name}.keras"))
 
 
 def folder_size(path):

@@ -344,12 +344,15 @@ def deploy(
     dense: keras.Model,
     masked: keras.Model,
     data: Data,
-    folder: str,
+    folder: str | None = None,
 ) -> Deployment:
     """Exports the masked model sparse (`sparse.keras`) and to LiteRT
-    (`sparse.tflite`) in `folder`; measures sizes, accuracy and timing."""
+    (`sparse.tflite`) in `folder` (a new temporary folder if `None`);
+    measures sizes, accuracy and timing."""
     from keras_prune import litert
 
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="keras_prune_mnist_")
     sparse = kp.export_sparse(masked)
     save_without_optimizer(sparse, os.path.join(folder, "sparse.keras"))
     report = kp.export_litert(
