@@ -102,14 +102,19 @@ class CompactStorage(_Layer):
 _COMPACT_CLASSES: dict[type, type] = {}
 
 
+def _same_definition(a: type, b: type) -> bool:
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
 def compact_class(cls: type) -> type:
     """Returns the compactly stored version of a Keras layer class,
     `Compact<Name>`: `cls` with `CompactStorage` in front.
 
     The class is made once per `cls` and registered as a Keras serializable
-    (`"keras_prune>Compact<Name>"`); those of the stock layers keras_prune
-    prunes exist from import on. For your own classes, call this before
-    `keras.models.load_model` in a new process.
+    (`"keras_prune>Compact<Name>"`, or `"keras_prune>Compact<package>_<Name>"`
+    for a class registered under a package); those of the stock layers
+    keras_prune prunes exist from import on. For your own classes, call this
+    before `keras.models.load_model` in a new process.
 
     Args:
         cls: A `keras.layers.Layer` subclass.
@@ -119,7 +124,8 @@ def compact_class(cls: type) -> type:
         itself if it already has it).
 
     Raises:
-        ValueError: If `cls` is not a layer class.
+        ValueError: If `cls` is not a layer class, or another class of the
+            same (registered) name already has a compact class.
 
     Example:
 
@@ -133,6 +139,20 @@ def compact_class(cls: type) -> type:
     if issubclass(cls, CompactStorage):
         return cls
     if cls not in _COMPACT_CLASSES:
+        # A class registered as "package>Name" gets "Compactpackage_Name",
+        # so that same-named classes of two packages stay apart.
+        name = "Compact" + keras.saving.get_registered_name(cls).replace(">", "_")
+        taken = keras.saving.get_registered_object(f"keras_prune>{name}")
+        if taken is not None and _same_definition(taken.__mro__[2], cls):
+            # The class was defined again (a re-run notebook cell): replace it.
+            keras.saving.get_custom_objects().pop(f"keras_prune>{name}")
+        elif taken is not None:
+            raise ValueError(
+                f"Expected one layer class named {cls.__name__!r} to store "
+                f"compactly. Received: {cls!r}, while {taken.__mro__[2]!r} "
+                f"already uses the name keras_prune>{name}. Register one of them "
+                "under a package (keras.saving.register_keras_serializable)."
+            )
         namespace = {
             "__module__": __name__,
             "__doc__": (
@@ -140,7 +160,7 @@ def compact_class(cls: type) -> type:
                 "compactly in `.keras` files; see `keras_prune.compact`."
             ),
         }
-        compact = type(f"Compact{cls.__name__}", (CompactStorage, cls), namespace)
+        compact = type(name, (CompactStorage, cls), namespace)
         _COMPACT_CLASSES[cls] = keras.saving.register_keras_serializable(
             package="keras_prune"
         )(compact)

@@ -87,9 +87,10 @@ def _live_objects(model: keras.Model) -> dict[str, Any]:
     return found
 
 
-def copy_model(model: keras.Model) -> keras.Model:
+def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
     """Returns an independent copy of `model`: same class, config and
-    weights, its own buffers, compiled like `model` with a fresh optimizer.
+    weights, its own buffers, compiled like `model` with a fresh optimizer
+    (uncompiled with `compile=False`).
 
     The copy goes through Keras's own `.keras` format (in a temporary
     folder) with the model's live functions and classes in scope, so the
@@ -116,7 +117,11 @@ def copy_model(model: keras.Model) -> keras.Model:
                 "a `get_config()` that rebuilds it, or convert it in place "
                 "with `inplace=True`."
             ) from error
-    if model.compiled and getattr(model, "_compile_config", None) is not None:
+    if (
+        compile
+        and model.compiled
+        and getattr(model, "_compile_config", None) is not None
+    ):
         with keras.saving.custom_object_scope(objects):
             clone.compile_from_config(model.get_compile_config())
     return clone
@@ -528,9 +533,9 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
             `"auto"`.
 
     Returns:
-        A new `keras.Model`, ready for `predict`, `save` and `export` (no
-        optimizer state goes into its files); a Sequential or Functional
-        one is uncompiled: compile it to `evaluate` or fine-tune it.
+        A new, uncompiled `keras.Model`, ready for `predict`, `save` and
+        `export` (no optimizer state goes into its files). Compile it to
+        `evaluate` or fine-tune it.
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
@@ -616,7 +621,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     if is_graph_model(model):
         exported = _clone_functional(model, replace)
     else:
-        exported = copy_model(model)
+        exported = copy_model(model, compile=False)
     # The copy holds the other masked layers, masked: compact the pruned
     # ones (or the layers that make them), then strip every mask.
     targets = _compact_targets(exported, {id(layer) for layer in _pruned(exported)})

@@ -52,7 +52,7 @@ from keras_prune.inference.backend import tensorflow_module
 from keras_prune.masking import find_prunable_weights, is_graph_model, is_prunable
 
 QUANTIZATIONS = ("float", "float16", "int8")
-# Largest accepted output error, `max |tflite - keras| / max(1, max |keras|)`:
+# Largest accepted output error, `max |tflite - keras| / max |keras|`:
 # float32 round-off; half-precision weights; 8-bit weights (dynamic range).
 TOLERANCE = {"float": 1e-4, "float16": 1e-2, "int8": 5e-2}
 # The op resolvers tried, in order: LiteRT's default (with the XNNPACK
@@ -103,8 +103,7 @@ class LiteRTReport:
         latency_ms: Median batch-1 latency of the file, one thread, in ms.
         dense_latency_ms: The same for the dense file (LiteRT's default
             resolver), or `None`.
-        max_error: `max |tflite - keras| / max(1, max |keras|)` over the
-            sample.
+        max_error: `max |tflite - keras| / max |keras|` over the sample.
         resolver: `"default"`, or `"without_default_delegates"` when the
             file must be loaded without LiteRT's default delegates to be
             correct (see `load_hint`).
@@ -163,13 +162,14 @@ class LiteRTReport:
         if self.latency_ms is not None:
             timing = f"batch-1 latency {self.latency_ms:.4f} ms"
             if self.speedup is not None:
-                timing += (
-                    f", dense .tflite {self.dense_latency_ms:.4f} ms: "
+                timing += f", dense .tflite {self.dense_latency_ms:.4f} ms: " + (
                     f"{self.speedup:.1f}x faster"
+                    if self.speedup >= 1
+                    else f"{1 / self.speedup:.1f}x slower"
                 )
             lines.append(timing)
         lines.append(
-            f"max |tflite - keras| / max(1, |keras|) = {self.max_error:.2e}; "
+            f"max |tflite - keras| / max |keras| = {self.max_error:.2e}; "
             f"load with {self.load_hint}"
         )
         return "\n".join(lines)
@@ -216,6 +216,27 @@ def _stock_model(model: keras.Model) -> keras.Model:
     return strip_pruning(model)
 
 
+def _why_wrong(quantization: str, stock: keras.Model, content: bytes) -> str:
+    """The known LiteRT defect behind a file with wrong outputs, if any."""
+    if quantization == "float16":
+        return (
+            "LiteRT dequantizes sparse float16 weights wrongly: use "
+            'quantization="float" or "int8".'
+        )
+    blocked = [
+        w.layer
+        for w in _weights_report(_pruned_weights(stock), _tensors(content))
+        if w.runs == "sparse kernel" and w.shape and w.shape[-1] % 4
+    ]
+    if blocked:
+        return (
+            f"LiteRT's sparse FULLY_CONNECTED kernel computes {blocked} wrongly: "
+            "their input size is not a multiple of 4, its block size. Pad their "
+            "inputs to a multiple of 4, or keep those layers less sparse."
+        )
+    return "Try another quantization."
+
+
 def _convert(model: keras.Model, quantization: str, sparsity: bool) -> bytes:
     import tensorflow as tf
 
@@ -227,13 +248,22 @@ def _convert(model: keras.Model, quantization: str, sparsity: bool) -> bytes:
         target_spec["supported_types"] = [tf.float16]
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.tflite")
-        model.export(
-            path,
-            format="litert",
-            verbose=False,
-            optimizations=optimizations,
-            target_spec=target_spec,
-        )
+        try:
+            model.export(
+                path,
+                format="litert",
+                verbose=False,
+                optimizations=optimizations,
+                target_spec=target_spec,
+            )
+        except Exception as error:  # noqa: BLE001 - the converter's own errors
+            first = str(error).strip().splitlines()[0][:300] if str(error) else ""
+            raise ValueError(
+                f"TFLite's converter cannot express model {model.name!r} with "
+                f"TFLite builtin ops ({type(error).__name__}: {first}). Recurrent "
+                "layers (LSTM, GRU) need TensorFlow ops that LiteRT's builtin "
+                "interpreter lacks."
+            ) from error
         with open(path, "rb") as file:
             return file.read()
 
@@ -384,8 +414,10 @@ def _predict(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
 
 
 def _error(got: np.ndarray, expected: np.ndarray) -> float:
+    """`max |got - expected| / max |expected|`: relative to the outputs'
+    scale, so that small outputs do not hide a wrong file."""
     expected = np.asarray(expected, dtype="float64")
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
     difference = np.abs(np.asarray(got, dtype="float64") - expected)
     if not np.all(np.isfinite(difference)):
         return float("inf")
@@ -482,8 +514,9 @@ def export_litert(
     every resolver is refused.
 
     Args:
-        model: A single-input `keras.Model` (masked, exported or stock) on
-            the TensorFlow backend.
+        model: A Sequential or Functional `keras.Model` with one input and
+            one output (masked, exported or stock), on the TensorFlow
+            backend. Recurrent layers do not convert to TFLite builtins.
         path: Where to write the file; must end with `.tflite`.
         quantization: `"float"`, `"float16"` or `"int8"`. Defaults to
             `"float"`.
@@ -499,10 +532,15 @@ def export_litert(
 
     Raises:
         TypeError: If `model` is not a `keras.Model`.
-        ValueError: For a bad `path`, `quantization`, `repeats` or `sample`,
-            a model with several inputs, or a file whose outputs differ from
-            the model's beyond `TOLERANCE[quantization]` under every
-            resolver (nothing is written then; the message says what failed).
+        ValueError: For a bad `path`, `quantization`, `repeats` or `sample`
+            (or NaN outputs on it); a subclassed model, or one with several
+            inputs or outputs; a model the converter cannot express with
+            TFLite builtins; or a file whose outputs differ from the model's
+            beyond `TOLERANCE[quantization]` (relative to the largest
+            output) under every resolver. Nothing is written then, and the
+            message names the known LiteRT defect behind it: sparse float16
+            weights, or a sparse Dense layer whose input size is not a
+            multiple of 4.
         RuntimeError: Off the TensorFlow backend.
 
     Warns:
@@ -543,10 +581,17 @@ def export_litert(
             "Expected `repeats` to be a positive integer. "
             f"Received: repeats={repeats!r}"
         )
-    if len(model.inputs) != 1:
+    if not is_graph_model(model):
         raise ValueError(
-            "export_litert checks and times models with one input. Received: "
-            f"a model with {len(model.inputs)} inputs"
+            "export_litert takes a Sequential or Functional model, whose inputs "
+            f"are known. Received: model={model.name!r} of type "
+            f"{type(model).__name__}"
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            "export_litert checks and times models with one input and one "
+            f"output. Received: a model with {len(model.inputs)} inputs and "
+            f"{len(model.outputs)} outputs"
         )
     sample = _default_sample(model) if sample is None else np.asarray(sample)
     shape = model.inputs[0].shape
@@ -562,6 +607,11 @@ def export_litert(
             f"{shape}. Received: sample.shape={sample.shape}"
         )
     expected = ops.convert_to_numpy(model(sample, training=False))
+    if not np.all(np.isfinite(expected)):
+        raise ValueError(
+            "Expected the model's outputs on `sample` to be finite, to check the "
+            "file against. Received: NaN or infinite outputs"
+        )
     stock = _stock_model(model)
     content = _convert(stock, quantization, sparsity=True)
     resolver, error, failures = _check(
@@ -571,13 +621,7 @@ def export_litert(
         raise ValueError(
             f"export_litert(quantization={quantization!r}) made a file whose "
             f"outputs differ from the model's ({'; '.join(failures)}); nothing "
-            "was written. "
-            + (
-                "LiteRT dequantizes sparse float16 weights wrongly: use "
-                'quantization="float" or "int8".'
-                if quantization == "float16"
-                else "Try another quantization."
-            )
+            f"was written. {_why_wrong(quantization, stock, content)}"
         )
     dense = _convert(stock, quantization, sparsity=False) if compare else None
     latency = dense_latency = None
@@ -607,10 +651,11 @@ def export_litert(
     dense_runs = [w.layer for w in weights if w.runs != "sparse kernel"]
     if dense_runs:
         warnings.warn(
-            f"export_litert: {dense_runs} run dense in {path}: TFLite has a sparse "
-            "kernel only for Dense (FULLY_CONNECTED) weights the converter finds "
-            "sparse enough; prune further, or in 1x4 blocks "
-            "(IterativePruningCallback(granularity=(1, 4))), for them to run sparse.",
+            f"export_litert: {dense_runs} run dense in {path}. TFLite runs sparse "
+            "only Dense (FULLY_CONNECTED) weights that its converter finds sparse "
+            "enough; convolutions and embeddings always run dense. For a Dense "
+            "layer, prune further or in 1x4 blocks "
+            "(IterativePruningCallback(granularity=(1, 4))).",
             stacklevel=2,
         )
     if resolver != "default":
@@ -662,6 +707,17 @@ def predict(
             f"Expected `resolver` to be one of {list(RESOLVERS)}. "
             f"Received: resolver={resolver!r}"
         )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
+        raise ValueError(
+            "Expected `batch_size` to be a positive integer. "
+            f"Received: batch_size={batch_size!r}"
+        )
+    if len(inputs) == 0:
+        raise ValueError("Expected at least one row in `inputs`. Received: none")
     if not isinstance(model_file, bytes):
         with open(model_file, "rb") as file:
             model_file = file.read()
@@ -670,7 +726,14 @@ def predict(
     interpreter = None
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
-        if interpreter is None or len(chunk) != batch_size:
-            interpreter = _interpreter(model_file, resolver, len(chunk))
-        outputs.append(_predict(interpreter, chunk))
+        try:
+            if interpreter is None or len(chunk) != batch_size:
+                interpreter = _interpreter(model_file, resolver, len(chunk))
+            outputs.append(_predict(interpreter, chunk))
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"LiteRT cannot run the file with resolver={resolver!r} ({error}). "
+                "An int8 file with sparse weights runs only with "
+                'resolver="without_default_delegates" (see LiteRTReport.resolver).'
+            ) from error
     return np.concatenate(outputs)

@@ -157,3 +157,32 @@ def test_compact_class_refuses_non_layers():
         r"Received: <class 'int'>$",
     ):
         compact_class(int)
+
+
+def test_same_named_classes_of_two_packages_stay_apart():
+    @keras.saving.register_keras_serializable("trial_a")
+    class Scale(L.Layer):
+        pass
+
+    first = Scale
+
+    @keras.saving.register_keras_serializable("trial_b")
+    class Scale(L.Layer):  # noqa: F811 - the point of the test
+        pass
+
+    assert compact_class(first).__name__ == "Compacttrial_a_Scale"
+    assert compact_class(Scale).__name__ == "Compacttrial_b_Scale"
+
+
+def test_two_unregistered_classes_of_one_name_are_refused():
+    def make():
+        class Twin(L.Layer):
+            pass
+
+        return Twin
+
+    one = make()
+    compact_class(one)
+    other = type("Twin", (L.Layer,), {"__module__": "elsewhere"})
+    with pytest.raises(ValueError, match="Expected one layer class named 'Twin'"):
+        compact_class(other)

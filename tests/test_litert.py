@@ -168,7 +168,7 @@ def test_bad_arguments_are_named(tmp_path, kwargs, message):
 def test_models_with_several_inputs_are_refused(tmp_path):
     a, b = keras.Input((4,)), keras.Input((4,))
     model = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
-    with pytest.raises(ValueError, match="models with one input.*2 inputs"):
+    with pytest.raises(ValueError, match="one input and one output.*2 inputs"):
         kp.export_litert(model, tmp_path / "two.tflite")
 
 
@@ -182,3 +182,71 @@ def test_masks_in_blocks_of_four_inputs_run_as_blocks(tmp_path):
         ("sparse, 1x4 blocks", "sparse kernel")
     ]
     assert report.max_error <= 1e-4
+
+
+def test_int8_check_is_relative_to_small_outputs(tmp_path):
+    # Outputs around 1e-5: an absolute tolerance would pass XNNPACK's wrong
+    # int8 results; relative to the output scale they are caught.
+    model = seed_head(0.0023)
+    scaled = keras.Sequential([keras.Input((3136,)), *model.layers, L.Rescaling(1e-5)])
+    with pytest.warns(UserWarning, match="computes correctly only without"):
+        report = kp.export_litert(
+            scaled, tmp_path / "small.tflite", quantization="int8", compare=False
+        )
+    assert report.resolver == "without_default_delegates"
+
+
+def test_a_sparse_dense_layer_with_inputs_not_a_multiple_of_four_is_named(tmp_path):
+    # LiteRT's sparse FULLY_CONNECTED kernel reads 1x4 blocks past the end.
+    model = kp.make_prunable(
+        keras.Sequential([keras.Input((50,)), L.Dense(256, name="odd")]),
+        verbose=False,
+    )
+    model.get_layer("odd").prune_to(np.random.default_rng(0).random((50, 256)) < 0.02)
+    with pytest.raises(
+        ValueError,
+        match=r"computes \['odd'\] wrongly: their input size is not a multiple of 4",
+    ):
+        kp.export_litert(model, tmp_path / "odd.tflite", compare=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_subclassed_and_multi_output_models_are_refused_clearly(tmp_path):
+    class Sub(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.fc = L.Dense(2)
+
+        def call(self, x):
+            return self.fc(x)
+
+    sub = Sub()
+    sub(np.ones((1, 4)))
+    with pytest.raises(ValueError, match="takes a Sequential or Functional model"):
+        kp.export_litert(sub, tmp_path / "sub.tflite", sample=np.ones((2, 4)))
+    inputs = keras.Input((4,))
+    two = keras.Model(inputs, [L.Dense(2)(inputs), L.Dense(3)(inputs)])
+    with pytest.raises(ValueError, match="one input and one output.*2 outputs"):
+        kp.export_litert(two, tmp_path / "two.tflite")
+
+
+def test_nan_outputs_on_the_sample_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="outputs on `sample` to be finite"):
+        kp.export_litert(
+            small_model(), tmp_path / "nan.tflite", sample=np.full((2, 8), np.nan)
+        )
+
+
+def test_predict_checks_its_arguments(tmp_path):
+    model = small_model()
+    kp.export_litert(model, tmp_path / "m.tflite", compare=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        litert.predict(tmp_path / "m.tflite", np.ones((3, 8)), batch_size=0)
+    with pytest.raises(ValueError, match="at least one row"):
+        litert.predict(tmp_path / "m.tflite", np.ones((0, 8)))
+    got = litert.predict(
+        tmp_path / "m.tflite", np.ones((5, 8), "float32"), batch_size=2
+    )
+    np.testing.assert_allclose(
+        got, model.predict(np.ones((5, 8)), verbose=0), atol=1e-5
+    )

@@ -192,6 +192,7 @@ def test_subclassed_model_is_pruned_saved_and_stripped(inplace, tmp_path):
     # Exported: stock computation, compact storage of every pruned weight.
     exported = kp.export_sparse(prunable)
     assert type(exported).__name__ == "CompactSubclassed"
+    assert not exported.compiled  # no optimizer state goes into its file
     assert [type(layer).__name__ for layer in exported._flatten_layers()][1:] == [
         "CompactEmbedding", "CompactConv1D", "GlobalMaxPooling1D", "CompactDense"
     ]  # fmt: skip
