@@ -103,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         stopped_by.append(signum)
         raise KeyboardInterrupt
 
-    on_sigterm = signal.signal(signal.SIGTERM, stop)
-    try:
-        result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
-                           folder=folder)  # fmt: skip
-    except (FileNotFoundError, RuntimeError, ValueError) as error:
-        return _error(error)
-    except KeyboardInterrupt:
+    def stopped() -> int:
         path = report.write_partial_report(
             config, folder.rows, folder.seconds(), config.out
         )
@@ -120,8 +114,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
+                           folder=folder)  # fmt: skip
+    except KeyboardInterrupt:
+        return stopped()
+    except Exception as error:
+        # A signal that lands inside TensorFlow's C++ code (tracing a
+        # function) can surface as another exception type (a TypeError
+        # from a tensor conversion); the signal is what stopped the run.
+        if stopped_by:
+            return stopped()
+        if isinstance(error, FileNotFoundError | RuntimeError | ValueError):
+            return _error(error)
+        raise
     finally:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     paths = report.write_report(result, config.out)
     print()
     print(report.comparison_table(result.rounds))

@@ -286,3 +286,26 @@ def test_a_bad_option_stops_before_anything_runs(tmp_path, capsys):
         "Received: --factor=1.5"
     )
     assert not out.exists()
+
+
+def test_a_signal_that_surfaces_as_another_error_still_stops_cleanly(
+    tmp_path, monkeypatch, capsys
+):
+    # Ctrl-C landing inside TensorFlow's C++ code (tracing) can come out as a
+    # TypeError of a tensor conversion: the run still stops with 130.
+    from keras_prune import cli
+    from keras_prune.experiments import mnist
+
+    def interrupted_run(config, verbose, folder):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt:
+            raise TypeError("Failed to convert (None, 3136) to Tensor") from None
+
+    monkeypatch.setattr(mnist, "run", interrupted_run)
+    out = tmp_path / "run"
+    status = cli.main(["mnist", "--data", MNIST, "--out", str(out), "--quick"])
+    assert status == 130
+    assert "rerun with --resume to continue" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
