@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 128 + (stopped_by[0] if stopped_by else signal.SIGINT)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        number: signal.signal(number, stop)
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(number) is not signal.SIG_IGN  # ignored on purpose
+    }
     try:
         result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
                            folder=folder)  # fmt: skip

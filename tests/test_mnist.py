@@ -305,7 +305,12 @@ def test_a_signal_that_surfaces_as_another_error_still_stops_cleanly(
 
     monkeypatch.setattr(mnist, "run", interrupted_run)
     out = tmp_path / "run"
-    status = cli.main(["mnist", "--data", MNIST, "--out", str(out), "--quick"])
+    # As in a terminal (a background job of a script starts with it ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = cli.main(["mnist", "--data", MNIST, "--out", str(out), "--quick"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert status == 130
     assert "rerun with --resume to continue" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
