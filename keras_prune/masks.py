@@ -358,16 +358,17 @@ def global_magnitude_masks(
                 f"Received: {len(values)} entries"
             )
     arrays = [check_finite(w, f"`weights[{i}]`") for i, w in enumerate(weights)]
+    alive = []
+    for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
+        m = np.ones(w.shape, bool) if m is None else np.asarray(m) != 0
+        if m.shape != w.shape:
+            raise ValueError(
+                f"Expected `masks[{i}]` to have the shape of `weights[{i}]`, "
+                f"{w.shape}. Received: {m.shape}"
+            )
+        alive.append(m)
     if block is not None:
-        for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
-            if m is not None and np.shape(m) != w.shape:
-                raise ValueError(
-                    f"Expected `masks[{i}]` to have the shape of `weights[{i}]`, "
-                    f"{w.shape}. Received: {np.shape(m)}"
-                )
-        full = [np.ones(w.shape) if m is None else np.asarray(m) for w, m in
-                zip(arrays, masks, strict=True)]  # fmt: skip
-        grids = [block_scores(w, m, block) for w, m in zip(arrays, full, strict=True)]
+        grids = [block_scores(w, m, block) for w, m in zip(arrays, alive, strict=True)]
         kept = global_magnitude_masks(
             [scores for scores, _ in grids],
             [live for _, live in grids],
@@ -376,18 +377,10 @@ def global_magnitude_masks(
             max_kept,
         )
         return [
-            (expand_blocks(k, block, w.shape) * (m != 0)).astype(_mask_dtype(w))
-            for k, w, m in zip(kept, arrays, full, strict=True)
+            (expand_blocks(k, block, w.shape) * m).astype(_mask_dtype(w))
+            for k, w, m in zip(kept, arrays, alive, strict=True)
         ]
-    current = []
-    for i, (w, m) in enumerate(zip(arrays, masks, strict=True)):
-        m = np.ones(w.shape, bool) if m is None else np.asarray(m) != 0
-        if m.shape != w.shape:
-            raise ValueError(
-                f"Expected `masks[{i}]` to have the shape of `weights[{i}]`, "
-                f"{w.shape}. Received: {m.shape}"
-            )
-        current.append(m.reshape(-1))
+    current = [m.reshape(-1) for m in alive]
     sizes = [w.size for w in arrays]
     already = [int(m.size - np.count_nonzero(m)) for m in current]
     lows, highs = [], []

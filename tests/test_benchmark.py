@@ -2,19 +2,24 @@ import os
 import subprocess
 import sys
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sparse_dense.py")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
-def test_benchmark_runs_and_prints_its_tables():
-    """A smoke test: the script runs end to end; its timings are not checked."""
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--quick", "--repeats", "1"],
+def quick_run(script, repeats):
+    """The script's stdout in `--quick` mode (a smoke test: it runs end to
+    end; its timings are not checked)."""
+    return subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), "--quick", "--repeats",
+         str(repeats)],
         capture_output=True,
         text=True,
         timeout=600,
         check=True,
-    )
-    out = result.stdout
+    ).stdout  # fmt: skip
+
+
+def test_benchmark_runs_and_prints_its_tables():
+    out = quick_run("sparse_dense.py", 1)
     assert out.startswith("# SparseDense benchmark")
     assert "\nCPU: " in out  # model and vector flags, for comparing machines
     assert "| 64x32 (dense) | 1 | 1 |" in out  # computes dense above the crossover
@@ -22,19 +27,8 @@ def test_benchmark_runs_and_prints_its_tables():
     assert "## Whole model" in out and "one compiled call on all images" in out
 
 
-DEPLOY = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "deploy.py")
-
-
 def test_deploy_benchmark_runs_and_prints_every_format():
-    """A smoke test: the script runs end to end; its timings are not checked."""
-    result = subprocess.run(
-        [sys.executable, DEPLOY, "--quick", "--repeats", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    out = result.stdout
+    out = quick_run("deploy.py", 2)
     assert out.startswith("# Deployment benchmark")
     assert "### fc1 keeps 0.23%, 1x4 blocks" in out
     formats = [
