@@ -28,6 +28,7 @@ else:
 
 if _keras_error is None:
     from keras_prune.callbacks import DropoutScalingCallback, IterativePruningCallback
+    from keras_prune.channels import ChannelGraph
     from keras_prune.compact import CompactStorage, compact_class
     from keras_prune.convert import (
         ConversionEntry,
@@ -55,6 +56,7 @@ if _keras_error is None:
         PolynomialSchedule,
         PruningSchedule,
     )
+    from keras_prune.shrink import shrink
     from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
 else:
     # The command line still starts (its settings and dependency checks need
@@ -74,6 +76,7 @@ __version__ = "0.2.0"
 __all__ = [
     "PRUNABLE_WEIGHTS",
     "ConstantSchedule",
+    "ChannelGraph",
     "CompactStorage",
     "ConversionEntry",
     "ConversionReport",
@@ -100,6 +103,7 @@ __all__ = [
     "make_prunable",
     "masked_class",
     "masked_layers",
+    "shrink",
     "sparsity_summary",
     "strip_pruning",
 ]

@@ -469,17 +469,23 @@ def strip_pruning(model: keras.Model, *, inplace: bool = False) -> keras.Model:
 
 
 def _clone_functional(
-    model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
+    model: keras.Model,
+    replace: Callable[[keras.layers.Layer], Any],
+    fill: Callable[[Any, Any], None] | None = None,
 ) -> keras.Model:
     """Clones a Sequential/Functional `model`, building each layer with
-    `replace(layer)` (or a plain copy when it returns `None`), uncompiled."""
-    pairs = []
+    `replace(layer)` (or a plain copy when it returns `None`), uncompiled;
+    `fill(old, new)` then sets the weights of each replaced layer once the
+    clone is built."""
+    pairs, replaced = [], []
 
     def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
         new_layer = replace(layer)
         if new_layer is None:
             new_layer = layer.__class__.from_config(layer.get_config())
             pairs.append((layer, new_layer))
+        else:
+            replaced.append((layer, new_layer))
         return new_layer
 
     with keras.saving.custom_object_scope(_live_objects(model)):
@@ -489,6 +495,9 @@ def _clone_functional(
         for old, new in pairs:
             if old.built and old.weights:
                 new.set_weights([np.array(w) for w in old.get_weights()])
+        if fill is not None:
+            for old, new in replaced:
+                fill(old, new)
         if not clone.compiled:
             return clone
         plain = clone.__class__.from_config(clone.get_config())
