@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_prune.channels import ChannelGraph, nonzero_groups
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedDense,
     MaskedLayer,
@@ -18,11 +19,13 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     masked_layers,
 )
 from keras_prune.masks import (
+    NORMS,
     block_scores,
     check_finite,
     global_magnitude_masks,
     magnitude_mask,
     pruned_count,
+    unit_scores,
     validate_granularity,
     validate_sparsity,
 )
@@ -166,8 +169,21 @@ class IterativePruningCallback(keras.callbacks.Callback):
             their mean magnitude, with every schedule and scope; sparsities
             then count blocks. `(1, 4)` is the layout of TFLite's sparse
             FULLY_CONNECTED kernel (see `export_litert`): such masks run
-            there about twice as fast as single-weight ones. Defaults to
-            `"weight"`.
+            there about twice as fast as single-weight ones. `"unit"` ranks
+            and prunes whole units of `Dense`/`EinsumDense`, filters of
+            convolutions and channels of depthwise convolutions, by `norm`:
+            a pruned unit loses its kernel column and the kernel rows that
+            read it in the next layers, and units coupled by a residual `Add`
+            go together (`ChannelGraph`), so that `shrink` can remove them
+            and make the network smaller and faster. Sparsities then count
+            units, per set of coupled layers (the smallest target of its
+            layers) or over all of them with `scope="global"`. The model's
+            output layers, and units that reach a layer the graph cannot
+            follow, keep all their units: a warning names those layers.
+            Needs a Sequential or Functional model. Defaults to `"weight"`.
+        norm: How `granularity="unit"` measures a unit: `"l1"` (the mean
+            |weight| of its kernel column, Li et al. 2017) or `"l2"` (their
+            root mean square). Defaults to `"l1"`.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
@@ -199,10 +215,23 @@ class IterativePruningCallback(keras.callbacks.Callback):
         max_kept: float | dict[str, float] | None = None,
         unit: str = "epoch",
         granularity: str | tuple[int, int] = "weight",
+        norm: str = "l1",
     ):
         super().__init__()
-        self.block = validate_granularity(granularity)
+        self.units = isinstance(granularity, str) and granularity == "unit"
+        self.block = None if self.units else validate_granularity(granularity)
         self.granularity = granularity if self.block is None else self.block
+        if norm not in NORMS:
+            raise ValueError(
+                f"Expected `norm` to be one of {list(NORMS)}. Received: norm={norm!r}"
+            )
+        if norm != "l1" and not self.units:
+            raise ValueError(
+                '`norm` ranks whole units: it needs granularity="unit". '
+                f"Received: norm={norm!r} with granularity={granularity!r}"
+            )
+        self.norm = norm
+        self._channels: ChannelGraph | None = None
         self.begin_epoch = validate_step(begin_epoch, "begin_epoch")
         if end_epoch is not None:
             end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
@@ -418,14 +447,26 @@ class IterativePruningCallback(keras.callbacks.Callback):
         if sync is not None:
             sync()
 
-    def _apply(self, layer: Any, new_masks: dict[str, np.ndarray]) -> None:
-        """Records the cut's threshold, sets masks, zeroes the pruned weights
-        and their optimizer state."""
-        self._thresholds[id(layer)] = min(
-            _threshold(
-                ops.convert_to_numpy(layer.prunable_weights[key]), mask, self.block
+    def _apply(
+        self,
+        layer: Any,
+        new_masks: dict[str, np.ndarray],
+        threshold: float | None = None,
+    ) -> None:
+        """Records the cut's threshold (by default the smallest magnitude
+        kept), sets masks, zeroes the pruned weights and their optimizer
+        state."""
+        self._thresholds[id(layer)] = (
+            threshold
+            if threshold is not None
+            else min(
+                _threshold(
+                    ops.convert_to_numpy(layer.prunable_weights[key]),
+                    mask,
+                    self.block,
+                )
+                for key, mask in new_masks.items()
             )
-            for key, mask in new_masks.items()
         )
         layer.prune_to(new_masks, optimizer=getattr(self.model, "optimizer", None))
         for key, mask in new_masks.items():
@@ -445,6 +486,9 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def _cut(self, position: int) -> None:
         """Prunes every layer to its schedule's sparsity at `position`."""
+        if self.units:
+            self._cut_units(position)
+            return
         if self.scope == "global":
             target = self.layer_schedules[None](position)
             if target <= self._applied.get(None, -1.0):
@@ -506,6 +550,141 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 by_layer.setdefault(id(layer), (layer, {}))[1][key] = after
         for layer, changed in by_layer.values():
             self._apply(layer, changed)
+
+    # --- whole units ------------------------------------------------------
+    def _start_units(self) -> None:
+        """Reads the model's channel groups once, and says which masked
+        layers keep all their units."""
+        try:
+            self._channels = ChannelGraph(self.model)
+        except ValueError as error:
+            raise ValueError(
+                f'granularity="unit" prunes whole units, found in the layer graph: '
+                f"{error}"
+            ) from error
+        graph = self._channels
+        ranked = {name for names, _ in graph.unit_sets() for name in names}
+        masked = {id(layer) for layer in masked_layers(self.model)}
+        kept = []
+        for label, layer in self._labelled():
+            if label in ranked:
+                continue
+            entry = graph.layers.get(layer.name)
+            made = None if entry is None else entry.makes()
+            reason = (
+                graph.pinned.get(int(made[2][0]), "pinned")
+                if made is not None and len(made[2])
+                else "not a layer whose units the graph follows"
+            )
+            kept.append(f"{label!r} ({reason})")
+        unmasked = sorted(
+            entry.layer.name
+            for entry in graph.layers.values()
+            if (entry.makes() or entry.reads()) and id(entry.layer) not in masked
+        )
+        if kept or unmasked:
+            warnings.warn(
+                'granularity="unit" keeps every unit of '
+                + ("; ".join(kept) or "no masked layer")
+                + (
+                    f". Layers without masks cannot drop units or the rows that "
+                    f"read pruned ones: {unmasked}"
+                    if unmasked
+                    else ""
+                )
+                + ".",
+                stacklevel=3,
+            )
+
+    def _unit_target(self, names: list[str], position: int) -> float:
+        """A unit set's target at `position`: the smallest of its layers'
+        (0 for a layer without a schedule)."""
+        return min(
+            self.layer_schedules[name](position)
+            if name in self.layer_schedules
+            else 0.0
+            for name in names
+        )
+
+    def _cut_units(self, position: int) -> None:
+        """Prunes whole units (and the rows that read them) to the schedule:
+        per set of coupled layers, or globally."""
+        graph = self._channels
+        assert graph is not None
+        sets = graph.unit_sets()
+        if self.scope == "global":
+            target = self.layer_schedules[None](position)
+            if target <= self._applied.get(None, -1.0):
+                return
+            self._applied[None] = target
+            due = [(names, groups, target) for names, groups in sets]
+        else:
+            due = []
+            for names, groups in sets:
+                target = self._unit_target(names, position)
+                key = "units of " + "+".join(names)
+                if target > self._applied.get(key, -1.0):
+                    self._applied[key] = target
+                    due.append((names, groups, target))
+        if not due:
+            return
+        self._sync_backend_state()
+        scores, live = [], []
+        for names, groups, _ in due:
+            slices, alive = [], set()
+            for name in names:
+                entry = graph.layers[name]
+                key, axis, ids = entry.makes()  # type: ignore[misc]
+                layer = entry.layer
+                mask = ops.convert_to_numpy(layer.masks[key])
+                weights = _finite(layer, key, layer.prunable_weights[key]) * mask
+                slices.append((weights, axis, ids))
+                alive |= nonzero_groups(mask, axis, ids)
+            scores.append(unit_scores(slices, groups, self.norm))
+            live.append(np.isin(groups, list(alive)).astype(np.float64))
+        if self.scope == "global":
+            floors, caps = self._unit_bounds([names for names, _, _ in due])
+            kept = global_magnitude_masks(
+                scores, live, due[0][2], min_kept=floors, max_kept=caps
+            )
+        else:
+            kept = [
+                magnitude_mask(s, alive, target)
+                for s, alive, (_, _, target) in zip(scores, live, due, strict=True)
+            ]
+        pruned, thresholds = [], {}
+        for (names, groups, _), k, s in zip(due, kept, scores, strict=True):
+            pruned.extend(groups[k == 0].tolist())
+            smallest = float(s[k != 0].min()) if (k != 0).any() else 0.0
+            thresholds.update(dict.fromkeys(names, smallest))
+        for name, masks in graph.masks_without(pruned).items():
+            layer = graph.layers[name].layer
+            if not isinstance(layer, MaskedLayer):
+                continue
+            current = {key: ops.convert_to_numpy(m) for key, m in layer.masks.items()}
+            changed = {
+                key: current[key] * mask
+                for key, mask in masks.items()
+                if np.count_nonzero(current[key] * mask)
+                < np.count_nonzero(current[key])
+            }
+            if changed:
+                self._apply(layer, changed, thresholds.get(name, 0.0))
+                if name not in thresholds:  # only lost rows: no units ranked
+                    self._thresholds.pop(id(layer), None)
+
+    def _unit_bounds(self, sets: list[list[str]]) -> tuple[list[float], list[float]]:
+        """Per unit set, the largest `min_kept` and the smallest `max_kept`
+        of its layers."""
+
+        def bound(value: Any, name: str, default: float) -> float:
+            if isinstance(value, dict):
+                value = value.get(name)
+            return default if value is None else float(value)
+
+        floors = [max(bound(self.min_kept, n, 0.0) for n in names) for names in sets]
+        caps = [min(bound(self.max_kept, n, 1.0) for n in names) for names in sets]
+        return floors, caps
 
     def _warn_if_bounds_win(self, sparsity: float, masks: list[np.ndarray]) -> None:
         """Says once when `min_kept`/`max_kept` (or weights pruned before)
@@ -612,6 +791,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._iterations() - steps_done
         self._applied = {}
         self.layer_schedules = self._resolve_schedules()
+        if self.units:
+            self._start_units()
         if self._cut_masks:
             self._restore_rolled_back()
         self._record_masks()
@@ -686,6 +867,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "granularity": (
                 self.granularity if self.block is None else list(self.block)
             ),
+            "norm": self.norm,
         }
 
     @classmethod

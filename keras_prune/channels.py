@@ -145,6 +145,28 @@ class LayerChannels:
         reads."""
         return self.kind in ("dense", "conv", "conv_transpose", "separable")
 
+    def reads(self) -> tuple[str, int, np.ndarray] | None:
+        """The kernel rows that read the input's groups, for a mixing layer:
+        `(weight name, axis, group of each row)`; `None` otherwise."""
+        if self.kind == "separable":
+            inner = np.repeat(self.inputs, self.layer.depth_multiplier)
+            return "pointwise_kernel", -2, inner
+        axis = {"dense": 0, "conv": -2, "conv_transpose": -1}.get(self.kind)
+        return None if axis is None else ("kernel", axis, self.inputs)
+
+    def makes(self) -> tuple[str, int, np.ndarray] | None:
+        """The weights that make the layer's units or filters: `(weight
+        name, axis, group of each unit)`; `None` for a layer that only
+        carries its input's groups."""
+        found = {
+            "dense": ("kernel", -1),
+            "conv": ("kernel", -1),
+            "conv_transpose": ("kernel", -2),
+            "separable": ("pointwise_kernel", -1),
+            "embedding": ("embeddings", -1),
+        }.get(self.kind)
+        return None if found is None else (found[0], found[1], self.outputs)
+
     def weight_axes(self) -> dict[str, list[tuple[int, np.ndarray]]]:
         """`{weight name: [(axis, groups along that axis), ...]}`: how each
         weight of the layer is indexed by channel groups. Removing a group
@@ -173,6 +195,14 @@ class LayerChannels:
             for v in self.layer.weights
             if v.shape and v.shape[-1] == len(outputs)
         }
+
+
+def nonzero_groups(array: np.ndarray, axis: int, ids: np.ndarray) -> set[int]:
+    """The groups along `axis` of `array` that hold a nonzero entry (`ids`:
+    the group of each index along `axis`)."""
+    other = tuple(a for a in range(array.ndim) if a != axis % array.ndim)
+    nonzero = np.any(np.asarray(array) != 0, axis=other)
+    return set(ids[nonzero].tolist())
 
 
 def _weight_name(variable: Any) -> str:
@@ -397,9 +427,54 @@ class ChannelGraph:
         to prune)."""
         made: set[int] = set()
         for entry in self.layers.values():
-            if entry.mixes or entry.kind == "embedding":
+            if entry.makes() is not None:
                 made.update(entry.outputs.tolist())
         return sorted(made - set(self.pinned))
+
+    def unit_sets(self) -> list[tuple[list[str], np.ndarray]]:
+        """The removable groups, partitioned by the layers that make them:
+        `(layer names, groups)`, where layers that make a group together (the
+        convolutions added by a residual connection) share one set. Ranking
+        units "per layer" ranks within each set.
+
+        Example:
+
+        >>> inputs = keras.Input((4, 4, 2))
+        >>> a = keras.layers.Conv2D(3, 1, name="a")(inputs)
+        >>> b = keras.layers.Conv2D(3, 1, name="b")(inputs)
+        >>> added = keras.layers.Add()([a, b])
+        >>> c = keras.layers.Conv2D(5, 1, name="c")(added)
+        >>> model = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="d")(c))
+        >>> [(names, len(groups)) for names, groups in ChannelGraph(model).unit_sets()]
+        [(['a', 'b'], 3), (['c'], 5)]
+        """
+        removable = set(self.removable_groups())
+        makers: dict[int, list[str]] = {}
+        for name, entry in self.layers.items():
+            if entry.makes() is not None:
+                for group in set(entry.outputs.tolist()) & removable:
+                    makers.setdefault(group, []).append(name)
+        owner = {name: name for names in makers.values() for name in names}
+
+        def root(name: str) -> str:
+            while owner[name] != name:
+                name = owner[name]
+            return name
+
+        for names in makers.values():
+            for name in names[1:]:
+                owner[root(name)] = root(names[0])
+        sets: dict[str, list[int]] = {}
+        for group in sorted(makers):
+            sets.setdefault(root(makers[group][0]), []).append(group)
+        order = list(self.layers)
+        return [
+            (
+                sorted({n for g in groups for n in makers[g]}, key=order.index),
+                np.array(groups, dtype=np.int64),
+            )
+            for groups in sets.values()
+        ]
 
     def masks_without(self, groups: Any) -> dict[str, dict[str, np.ndarray]]:
         """0/1 masks that prune `groups` wholly: their units and filters in

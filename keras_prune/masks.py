@@ -160,9 +160,11 @@ def magnitude_mask(
 
 
 def validate_granularity(value: object) -> tuple[int, int] | None:
-    """Checks a pruning granularity: `"weight"` (single weights, returned as
-    `None`) or `(units, inputs)`, a block of that many output units by that
-    many consecutive inputs (returned as a tuple of two ints).
+    """Checks a pruning granularity of weights: `"weight"` (single weights,
+    returned as `None`) or `(units, inputs)`, a block of that many output
+    units by that many consecutive inputs (returned as a tuple of two ints).
+    (`"unit"`, whole units and filters, needs the model's graph: the
+    callback takes it, see `channels.ChannelGraph`.)
 
     Raises:
         ValueError: Naming `granularity` and the value received.
@@ -185,8 +187,69 @@ def validate_granularity(value: object) -> tuple[int, int] | None:
         return (int(value[0]), int(value[1]))
     raise ValueError(
         'Expected `granularity` to be "weight" or (units, inputs), two positive '
-        f"integers such as (1, 4). Received: granularity={value!r}"
+        'integers such as (1, 4) (or "unit", for the callback). Received: '
+        f"granularity={value!r}"
     )
+
+
+NORMS = ("l1", "l2")
+
+
+def unit_scores(
+    slices: list[tuple[np.ndarray, int, np.ndarray]],
+    groups: np.ndarray,
+    norm: str = "l1",
+) -> np.ndarray:
+    """The magnitude of each unit (or group of coupled units): a norm of all
+    its weights, scaled by their number so that units of different sizes
+    compare (`"l1"`: mean |w|; `"l2"`: root mean square). Within one layer
+    this ranks units as the plain L1 or L2 norm does.
+
+    Args:
+        slices: `(weights, axis, group of each index along axis)` per
+            weight tensor that holds units, such as `(kernel, -1, groups of
+            the filters)`; a group may span several tensors (filters added
+            by a residual connection).
+        groups: The groups to score, 1-D.
+        norm: `"l1"` or `"l2"`. Defaults to `"l1"`.
+
+    Returns:
+        float64 scores, one per entry of `groups` (0 for a group with no
+        weights in `slices`).
+
+    Raises:
+        ValueError: For another `norm`, or non-finite weights.
+
+    Example:
+
+    >>> kernel = np.array([[1.0, 0.0, 3.0], [1.0, 0.0, -4.0]])  # 2 inputs, 3 units
+    >>> unit_scores([(kernel, 1, np.array([0, 1, 2]))], np.array([0, 1, 2]))
+    array([1. , 0. , 3.5])
+    >>> unit_scores([(kernel, 1, np.array([0, 1, 2]))], np.array([2]), "l2")
+    array([3.53553391])
+
+    Reference:
+        Li et al. 2017, "Pruning Filters for Efficient ConvNets",
+        arXiv:1608.08710 (L1 norm of filters).
+    """
+    if norm not in NORMS:
+        raise ValueError(
+            f"Expected `norm` to be one of {list(NORMS)}. Received: {norm!r}"
+        )
+    power = 1 if norm == "l1" else 2
+    position = {int(g): i for i, g in enumerate(np.asarray(groups).tolist())}
+    sums = np.zeros(len(position))
+    counts = np.zeros(len(position))
+    for weights, axis, ids in slices:
+        values = check_finite(weights)
+        moved = np.moveaxis(np.abs(values.astype(np.float64)), axis, -1)
+        moved = moved.reshape(-1, moved.shape[-1])
+        index = np.array([position.get(int(g), -1) for g in ids])
+        hit = index >= 0
+        np.add.at(sums, index[hit], (moved**power).sum(axis=0)[hit])
+        np.add.at(counts, index[hit], moved.shape[0])
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return np.asarray(means ** (1.0 / power))
 
 
 def _blocked(array: np.ndarray, block: tuple[int, int]) -> np.ndarray:

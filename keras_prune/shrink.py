@@ -36,7 +36,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.channels import ChannelGraph, LayerChannels
+from keras_prune.channels import ChannelGraph, LayerChannels, nonzero_groups
 from keras_prune.convert import _check_model, _clone_functional, strip_pruning
 from keras_prune.masking import is_graph_model
 
@@ -159,41 +159,6 @@ def _name(variable: Any) -> str:
     return str(variable.path).rsplit("/", 1)[-1]
 
 
-def _rows(entry: LayerChannels) -> tuple[str, int, np.ndarray] | None:
-    """The kernel rows that read the groups of a mixing layer's input:
-    `(weight name, axis, group of each row)`."""
-    if entry.kind == "dense":
-        return "kernel", 0, entry.inputs
-    if entry.kind == "conv":
-        return "kernel", -2, entry.inputs
-    if entry.kind == "conv_transpose":
-        return "kernel", -1, entry.inputs
-    if entry.kind == "separable":
-        inner = np.repeat(entry.inputs, entry.layer.depth_multiplier)
-        return "pointwise_kernel", -2, inner
-    return None
-
-
-def _columns(entry: LayerChannels) -> tuple[str, int, np.ndarray] | None:
-    """The weights that make a producing layer's units: `(weight name,
-    axis, group of each unit)`."""
-    axis = {
-        "dense": ("kernel", -1),
-        "conv": ("kernel", -1),
-        "conv_transpose": ("kernel", -2),
-        "separable": ("pointwise_kernel", -1),
-        "embedding": ("embeddings", -1),
-    }.get(entry.kind)
-    return None if axis is None else (axis[0], axis[1], entry.outputs)
-
-
-def _live(array: np.ndarray, axis: int, ids: np.ndarray) -> set[int]:
-    """The groups along `axis` that hold a nonzero weight."""
-    other = tuple(a for a in range(array.ndim) if a != axis % array.ndim)
-    nonzero = np.any(array != 0, axis=other)
-    return set(ids[nonzero].tolist())
-
-
 class _Plan:
     """What `shrink` removes and folds, decided once from the weights."""
 
@@ -210,12 +175,16 @@ class _Plan:
         entries = list(graph.layers.values())
         read, made, readable = set(), set(), set()
         for entry in entries:
-            rows, columns = _rows(entry), _columns(entry)
+            rows, columns = entry.reads(), entry.makes()
             if rows is not None:
                 readable |= set(rows[2].tolist())
-                read |= _live(values[id(entry.layer)][rows[0]], rows[1], rows[2])
+                read |= nonzero_groups(
+                    values[id(entry.layer)][rows[0]], rows[1], rows[2]
+                )
             if columns is not None:
-                made |= _live(values[id(entry.layer)][columns[0]], *columns[1:])
+                made |= nonzero_groups(
+                    values[id(entry.layer)][columns[0]], *columns[1:]
+                )
         candidates = set(graph.removable_groups())
         removed = candidates - read
         dead = (candidates & read) - made
@@ -237,7 +206,7 @@ class _Plan:
     ) -> set[int]:
         """Folds the constant outputs of dead groups into the biases of the
         layers that read them; returns the groups folded everywhere."""
-        readers = [e for e in entries if _rows(e) is not None]
+        readers = [e for e in entries if e.reads() is not None]
         if probe is None:
             for group in dead:
                 self._kept_group(group, "dead, but no `sample` to read its constant")
@@ -272,7 +241,7 @@ class _Plan:
 
     def _kept_group(self, group: int, why: str) -> None:
         for entry in self.graph.layers.values():
-            columns = _columns(entry)
+            columns = entry.makes()
             if columns is not None and group in columns[2]:
                 self.kept[(entry.layer.name, why)] += int(np.sum(columns[2] == group))
 
@@ -282,7 +251,7 @@ class _Plan:
         """Counts the pinned units that pruning emptied (no live input, or
         read by kernel rows that are all zero), so the warning names them."""
         for entry in entries:
-            columns = _columns(entry)
+            columns = entry.makes()
             if columns is None:
                 continue
             for group in set(columns[2].tolist()) & set(self.graph.pinned):
@@ -296,7 +265,7 @@ class _Plan:
         """Keeps the first unit of a layer that would lose all (a layer of
         zero units cannot be built); its outgoing weights are zero anyway."""
         for entry in entries:
-            columns = _columns(entry)
+            columns = entry.makes()
             if (
                 columns is not None
                 and len(columns[2])

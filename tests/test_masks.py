@@ -134,7 +134,8 @@ def test_bad_granularity_is_named(value):
     with pytest.raises(
         ValueError,
         match=r'^Expected `granularity` to be "weight" or \(units, inputs\), two '
-        r"positive integers such as \(1, 4\)\. Received: granularity=",
+        r"positive integers such as \(1, 4\) \(or \"unit\", for the callback\)\. "
+        r"Received: granularity=",
     ):
         validate_granularity(value)
 
