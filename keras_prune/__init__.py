@@ -57,7 +57,14 @@ if _keras_error is None:
         PruningSchedule,
     )
     from keras_prune.shrink import shrink
-    from keras_prune.summary import LayerSparsity, SparsitySummary, sparsity_summary
+    from keras_prune.summary import (
+        LayerShrink,
+        LayerSparsity,
+        ShrinkSummary,
+        SparsitySummary,
+        shrink_summary,
+        sparsity_summary,
+    )
 else:
     # The command line still starts (its settings and dependency checks need
     # no Keras) and says which extra to install; the library says it here.
@@ -83,6 +90,7 @@ __all__ = [
     "DropoutScalingCallback",
     "GeometricSchedule",
     "IterativePruningCallback",
+    "LayerShrink",
     "LayerSparsity",
     "ListSchedule",
     "LiteRTReport",
@@ -93,6 +101,7 @@ __all__ = [
     "PolynomialSchedule",
     "PruningSchedule",
     "SparseDense",
+    "ShrinkSummary",
     "SparsitySummary",
     "compact_class",
     "conversion_report",
@@ -104,6 +113,7 @@ __all__ = [
     "masked_class",
     "masked_layers",
     "shrink",
+    "shrink_summary",
     "sparsity_summary",
     "strip_pruning",
 ]

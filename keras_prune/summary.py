@@ -1,4 +1,5 @@
-"""`sparsity_summary`: how many weights each layer of a model keeps."""
+"""`sparsity_summary`: how many weights each layer of a model keeps;
+`shrink_summary`: what `shrink` removed, with parameters and FLOPs."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctest
     MaskedDense,
     MaskedLayer,
     find_prunable_weights,
+    is_graph_model,
     is_prunable,
     layer_labels,
+    stock_class,
 )
 
 
@@ -171,3 +174,221 @@ def _row(
     name: str, kind: str, shape: tuple[int, ...], nonzeros: int, compute: str
 ) -> LayerSparsity:
     return LayerSparsity(name, kind, shape, int(np.prod(shape)), nonzeros, compute)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShrink:
+    """One row of a `ShrinkSummary`: a layer before and after `shrink`.
+
+    `units_*` count units (`Dense`), filters (convolutions) or channels
+    (depthwise convolutions, normalization); `params_*` its weights;
+    `flops_*` its floating-point operations per example (2 per
+    multiply-add of a kernel; 0 for layers without one).
+    """
+
+    name: str
+    kind: str
+    units_before: int
+    units_after: int
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrinkSummary:
+    """What `shrink` removed, per layer, with the totals of both models.
+
+    `str(summary)` is a table of the layers that changed; `summary.rows`
+    holds every layer with weights.
+    """
+
+    rows: tuple[LayerShrink, ...]
+
+    @property
+    def params_before(self) -> int:
+        """All weights of the original model (masks not counted)."""
+        return sum(row.params_before for row in self.rows)
+
+    @property
+    def params_after(self) -> int:
+        """All weights of the shrunk model."""
+        return sum(row.params_after for row in self.rows)
+
+    @property
+    def flops_before(self) -> int:
+        """Floating-point operations per example of the original model."""
+        return sum(row.flops_before for row in self.rows)
+
+    @property
+    def flops_after(self) -> int:
+        """Floating-point operations per example of the shrunk model."""
+        return sum(row.flops_after for row in self.rows)
+
+    def __getitem__(self, name: str) -> LayerShrink:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "units", "params", "FLOPs")
+        changed = [
+            r
+            for r in self.rows
+            if (r.units_before, r.params_before, r.flops_before)
+            != (r.units_after, r.params_after, r.flops_after)
+        ]
+        body = [
+            (
+                r.name,
+                r.kind,
+                f"{r.units_before} -> {r.units_after}",
+                f"{r.params_before:,} -> {r.params_after:,}",
+                f"{r.flops_before:,} -> {r.flops_after:,}",
+            )
+            for r in changed
+        ]
+        total = (
+            "total",
+            f"{len(changed)} of {len(self.rows)} layers changed",
+            "",
+            f"{self.params_before:,} -> {self.params_after:,} "
+            f"({_fraction(self.params_after, self.params_before)})",
+            f"{self.flops_before:,} -> {self.flops_after:,} "
+            f"({_fraction(self.flops_after, self.flops_before)})",
+        )
+        widths = [
+            max(map(len, column)) for column in zip(header, *body, total, strict=True)
+        ]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            cells = [
+                cell.ljust(width) if i < 2 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * width for width in widths)
+        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+
+
+def _fraction(part: int, whole: int) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"
+
+
+def shrink_summary(original: keras.Model, shrunk: keras.Model) -> ShrinkSummary:
+    """Units, parameters and FLOPs of each layer, before and after `shrink`.
+
+    Layers are matched by name (`shrink` keeps names). FLOPs are counted per
+    example as 2 per multiply-add of the kernels of `Dense`, `EinsumDense`,
+    convolutions (transposed, depthwise and separable too), from the layers'
+    output shapes; normalization, activation and pooling are not counted.
+    Masks are not counted as parameters.
+
+    Args:
+        original: The model given to `shrink` (masked or not).
+        shrunk: The model `shrink` returned.
+
+    Returns:
+        A `ShrinkSummary`; print it for a table of the layers that changed.
+
+    Raises:
+        ValueError: For a subclassed model (no layer graph to read shapes
+            from), or layers of one model missing from the other.
+
+    Example:
+
+    >>> from keras_prune.shrink import shrink
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...     keras.layers.Dense(4, name="hidden"), keras.layers.Dense(2, name="out")])
+    >>> _ = model.get_layer("out").kernel.assign(np.zeros((4, 2)))
+    >>> summary = shrink_summary(model, shrink(model))  # "hidden" keeps 1 unit
+    >>> summary["hidden"].units_after, summary.flops_before, summary.flops_after
+    (1, 40, 10)
+    """
+    before, after = _layer_costs(original), _layer_costs(shrunk)
+    if set(before) != set(after):
+        raise ValueError(
+            "Expected the two models to have the same layer names (`shrink` "
+            "keeps them). Received layers only in `original`: "
+            f"{sorted(set(before) - set(after))}, only in `shrunk`: "
+            f"{sorted(set(after) - set(before))}"
+        )
+    rows = []
+    for name, (kind, units, params, flops) in before.items():
+        _, units_after, params_after, flops_after = after[name]
+        if params or params_after:
+            rows.append(
+                LayerShrink(
+                    name,
+                    kind,
+                    units,
+                    units_after,
+                    params,
+                    params_after,
+                    flops,
+                    flops_after,
+                )  # fmt: skip
+            )
+    return ShrinkSummary(tuple(rows))
+
+
+def _layer_costs(model: keras.Model) -> dict[str, tuple[str, int, int, int]]:
+    """`{layer name: (stock class name, units, parameters, FLOPs per
+    example)}` for every layer of a graph model."""
+    if not is_graph_model(model):
+        raise ValueError(
+            "Expected a Sequential or Functional model: FLOPs are read from its "
+            f"layer graph. Received: {type(model).__name__} {model.name!r}"
+        )
+    graph = getattr(model, "_functional", None) or model
+    masks = {
+        id(variable)
+        for layer in model._flatten_layers()
+        if isinstance(layer, MaskedLayer)
+        for variable in layer.masks.values()
+    }
+    costs: dict[str, tuple[str, int, int, int]] = {}
+    for layer in graph.layers:
+        params = sum(int(np.prod(v.shape)) for v in layer.weights if id(v) not in masks)
+        output = layer.output if layer._inbound_nodes else None
+        units = int(output.shape[-1]) if output is not None and output.shape else 0
+        kind = stock_class(type(layer)).__name__
+        costs[layer.name] = (kind, units, params, 0)
+    for depth in graph._nodes_by_depth.values():
+        for node in depth:
+            layer = node.operation
+            if node.is_input or layer.name not in costs:
+                continue
+            kind, units, params, flops = costs[layer.name]
+            costs[layer.name] = (kind, units, params, flops + 2 * _multiply_adds(node))
+    return costs
+
+
+def _multiply_adds(node: object) -> int:
+    """Multiply-adds per example of one call of a layer with a kernel."""
+    layer = node.operation  # type: ignore[attr-defined]
+    L = keras.layers
+    out_shape = node.outputs[0].shape[1:]  # type: ignore[attr-defined]
+    in_shape = node.input_tensors[0].shape[1:]  # type: ignore[attr-defined]
+    if any(d is None for d in (*out_shape, *in_shape)):
+        return 0
+    outputs = int(np.prod(out_shape))
+    if isinstance(layer, L.SeparableConv1D | L.SeparableConv2D):
+        spatial = int(np.prod(out_shape[:-1]))
+        depthwise = layer.depthwise_kernel.shape
+        inner = depthwise[-2] * depthwise[-1]
+        return spatial * (int(np.prod(depthwise)) + inner * out_shape[-1])
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None or isinstance(layer, L.Embedding):
+        return 0
+    size = int(np.prod(kernel.shape))
+    if isinstance(layer, L.Conv1DTranspose | L.Conv2DTranspose | L.Conv3DTranspose):
+        return int(np.prod(in_shape[:-1])) * size
+    if isinstance(layer, L.DepthwiseConv1D | L.DepthwiseConv2D):
+        return outputs * size // (kernel.shape[-2] * kernel.shape[-1])
+    if isinstance(layer, L.Dense | L.EinsumDense | L.Conv1D | L.Conv2D | L.Conv3D):
+        return outputs * size // int(out_shape[-1])
+    return 0

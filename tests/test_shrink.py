@@ -398,3 +398,21 @@ def test_dead_neurons_of_unstructured_pruning_fold_exactly():
     assert small.get_layer("fc1").units + small.get_layer("fc2").units <= 96 - dead
     x = rng.normal(size=(16, 20)).astype("float32")
     assert max_difference(masked, small, x) <= 1e-4
+
+
+def test_shrink_summary_counts_units_parameters_and_flops():
+    model = seed_network()
+    masked = kp.make_prunable(model)
+    graph = ChannelGraph(masked)
+    # Half of conv2's filters, wholly (their rows in fc1 too).
+    conv2 = graph.layers["conv2"].outputs
+    for name, masks in graph.masks_without(conv2[:32]).items():
+        masked.get_layer(name).prune_to(masks)
+    summary = kp.shrink_summary(masked, shrink_quietly(masked))
+    # Multiply-adds: conv1 28*28*32*25, conv2 14*14*64*800, fc1 3136*1024, fc2 10240.
+    assert summary.flops_before == 2 * (627_200 + 10_035_200 + 3_211_264 + 10_240)
+    assert summary["conv2"].units_before == 64 and summary["conv2"].units_after == 32
+    assert summary["conv2"].flops_after == summary["conv2"].flops_before // 2
+    assert summary["fc1"].params_after == 1568 * 1024 + 1024
+    assert summary.params_before == model.count_params()
+    assert "conv2" in str(summary) and "conv1" not in str(summary)
