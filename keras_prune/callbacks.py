@@ -554,7 +554,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
     # --- whole units ------------------------------------------------------
     def _start_units(self) -> None:
         """Reads the model's channel groups once, and says which masked
-        layers keep all their units."""
+        layers keep all their units (once per model: `fit` may be called
+        epoch by epoch)."""
+        if self._channels is not None and self._channels.model is self.model:
+            return
         try:
             self._channels = ChannelGraph(self.model)
         except ValueError as error:

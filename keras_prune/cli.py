@@ -4,11 +4,39 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import signal
 import sys
 
-from keras_prune.experiments.settings import MnistConfig
+from keras_prune.experiments.settings import JobConfig, MnistConfig, StructuredConfig
+
+# command -> (settings, experiment module, report module, help, description).
+# The modules import Keras: they load only once the settings are checked.
+COMMANDS: dict[str, tuple[type[JobConfig], str, str, str, str]] = {
+    "mnist": (
+        MnistConfig,
+        "keras_prune.experiments.mnist",
+        "keras_prune.experiments.report",
+        "prune the MNIST convnet's Dense layers, round by round",
+        "Train the TensorFlow-tutorial MNIST convnet, prune its Dense layers "
+        "round by round, export it sparse, and write a report, a CSV and a "
+        "plot. Each finished round is saved: rerun with --resume to continue a "
+        "run that was stopped.",
+    ),
+    "mnist-structured": (
+        StructuredConfig,
+        "keras_prune.experiments.structured",
+        "keras_prune.experiments.structured_report",
+        "prune whole filters and units of the MNIST convnet, then shrink it",
+        "Train the TensorFlow-tutorial MNIST convnet, prune whole filters of "
+        "conv1 and conv2 and units of fc1 (granularity='unit'), shrink it to a "
+        "smaller dense network, time it against the dense one, and write a "
+        "report, a CSV, a plot of accuracy against speed-up and shrunk.keras. "
+        "Each finished epoch is saved: rerun with --resume to continue a run "
+        "that was stopped.",
+    ),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,39 +45,41 @@ def _parser() -> argparse.ArgumentParser:
         description="Iterative magnitude pruning for Keras 3.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    mnist = commands.add_parser(
-        "mnist",
-        help="prune the MNIST convnet's Dense layers, round by round",
-        description="Train the TensorFlow-tutorial MNIST convnet, prune its "
-        "Dense layers round by round, export it sparse, and write a report, a "
-        "CSV and a plot. Each finished round is saved: rerun with --resume to "
-        "continue a run that was stopped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # Every field of `MnistConfig` becomes an option `--field-name`.
-    for field in dataclasses.fields(MnistConfig):
+    for name, (config_class, _, _, help_text, description) in COMMANDS.items():
+        command = commands.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        _add_options(command, config_class)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Every field of the settings becomes an option `--field-name`."""
+    for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata["help"]
         if isinstance(field.default, bool):
-            mnist.add_argument(
+            parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction,
                 default=field.default, help=help_text,
             )  # fmt: skip
         else:
             kind = str if field.name in ("data", "out") else type(field.default)
-            mnist.add_argument(
+            parser.add_argument(
                 flag,
                 type=int if field.default is None and kind is not str else kind,
                 default=field.default,
                 help=help_text,
             )
-    mnist.add_argument(
+    parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run recorded in --out after its last finished round "
+        help="continue the run recorded in --out after its last finished stage "
         "(same settings required)",
     )
-    return parser
 
 
 def _error(error: BaseException | str) -> int:
@@ -72,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
     args = _parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "resume")}
-    config = MnistConfig(**options)
+    config_class, experiment_name, report_name, *_ = COMMANDS[args.command]
+    config = config_class(**options)
     from keras_prune.experiments import requirements
 
     try:
@@ -81,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RuntimeError, ValueError) as error:
         return _error(error)
 
-    from keras_prune.experiments import mnist, report
     from keras_prune.experiments.progress import CSV, RunFolder
 
+    experiment = importlib.import_module(experiment_name)
+    report = importlib.import_module(report_name)
     try:
-        folder = RunFolder(config.out, mnist.settings(config), resume=args.resume)
+        folder = RunFolder(config.out, experiment.settings(config), resume=args.resume)
     except (FileExistsError, ValueError) as error:
         return _error(error)
     except OSError as error:
@@ -121,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(number) is not signal.SIG_IGN  # ignored on purpose
     }
     try:
-        result = mnist.run(config, verbose=1 if sys.stdout.isatty() else 2,
-                           folder=folder)  # fmt: skip
+        result = experiment.run(
+            config, verbose=1 if sys.stdout.isatty() else 2, folder=folder
+        )
     except KeyboardInterrupt:
         return stopped()
     except Exception as error:
@@ -139,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(number, handler)
     paths = report.write_report(result, config.out)
     print()
-    print(report.comparison_table(result.rounds))
-    print()
-    print(report.deployment_table(result.sizes, result.times))
+    print(report.console(result))
     print()
     print(
         f"Wall time {result.wall_seconds / 60:.1f} min. Wrote "

@@ -252,7 +252,7 @@ class ShrinkSummary:
         ]
         total = (
             "total",
-            f"{len(changed)} of {len(self.rows)} layers changed",
+            "",
             "",
             f"{self.params_before:,} -> {self.params_after:,} "
             f"({_fraction(self.params_after, self.params_before)})",
@@ -271,7 +271,9 @@ class ShrinkSummary:
             return "  ".join(cells).rstrip()
 
         rule = "  ".join("-" * width for width in widths)
-        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+        lines = [fmt(header), rule, *map(fmt, body), rule, fmt(total)]
+        unchanged = len(self.rows) - len(changed)
+        return "\n".join(lines + [f"({unchanged} layers with weights unchanged)"])
 
 
 def _fraction(part: int, whole: int) -> str:

@@ -29,7 +29,7 @@ import keras_prune as kp
 from keras_prune.experiments.data import load_mnist, preprocess
 from keras_prune.experiments.progress import RunFolder
 from keras_prune.experiments.requirements import check
-from keras_prune.experiments.settings import MnistConfig
+from keras_prune.experiments.settings import JobConfig, MnistConfig
 from keras_prune.experiments.timing import time_interleaved
 
 # The seed report's table: fraction of Dense weights kept -> test accuracy.
@@ -214,7 +214,7 @@ class Data:
     y_test: np.ndarray
 
 
-def prepare_data(config: MnistConfig) -> Data:
+def prepare_data(config: JobConfig) -> Data:
     """Loads MNIST (see `load_mnist`) and keeps the configured subsets."""
     (x_train, y_train), (x_test, y_test) = load_mnist(config.data)
     return Data(
@@ -226,7 +226,7 @@ def prepare_data(config: MnistConfig) -> Data:
 
 
 def train_dense(
-    config: MnistConfig, data: Data, verbose: int = 2
+    config: JobConfig, data: Data, verbose: int = 2
 ) -> tuple[keras.Model, Round]:
     """Trains the seed convnet dense; returns it and its row 0 of the table."""
     dense = seed_convnet(config.dropout)

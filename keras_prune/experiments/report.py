@@ -16,6 +16,7 @@ from keras_prune.experiments.mnist import (
     versions,
 )
 from keras_prune.experiments.progress import CSV
+from keras_prune.experiments.settings import JobConfig
 
 
 def _seed_accuracy(kept: float) -> float | None:
@@ -123,7 +124,7 @@ def plot(rounds: list[Round], path: str | None = None) -> Any:
     return None
 
 
-def _settings_and_versions(config: MnistConfig, versions: dict[str, str]) -> str:
+def _settings_and_versions(config: JobConfig, versions: dict[str, str]) -> str:
     settings = "\n".join(
         f"| `{key}` | {value} |" for key, value in dataclasses.asdict(config).items()
     )
@@ -245,3 +246,11 @@ Rerun the same command with `--resume` to continue from there.
     path = os.path.join(folder, "report.md")
     _write(path, text)
     return path
+
+
+def console(result: MnistResult) -> str:
+    """What the command prints at its end."""
+    return (
+        f"{comparison_table(result.rounds)}\n\n"
+        f"{deployment_table(result.sizes, result.times)}"
+    )

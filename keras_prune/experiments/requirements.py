@@ -7,7 +7,10 @@ import importlib.util
 import os
 
 # command -> (modules it imports, the extra of keras_prune that installs them)
-NEEDS = {"mnist": (("tensorflow", "matplotlib"), "demo")}
+NEEDS = {
+    "mnist": (("tensorflow", "matplotlib"), "demo"),
+    "mnist-structured": (("tensorflow", "matplotlib"), "demo"),
+}
 
 
 def _installed(module: str) -> bool:
@@ -39,7 +42,8 @@ def check(command: str) -> None:
     >>> check("lenet")
     Traceback (most recent call last):
     ...
-    ValueError: Expected `command` to be one of ['mnist']. Received: command='lenet'
+    ValueError: Expected `command` to be one of ['mnist', 'mnist-structured']. \
+Received: command='lenet'
     """
     if command not in NEEDS:
         raise ValueError(

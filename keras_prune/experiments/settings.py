@@ -5,8 +5,11 @@ before anything heavy loads)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, TypeVar
 
 from keras_prune.experiments.data import check_path
+
+_Config = TypeVar("_Config", bound="JobConfig")
 
 
 def _option(default, help_text):
@@ -14,73 +17,38 @@ def _option(default, help_text):
 
 
 @dataclasses.dataclass(frozen=True)
-class MnistConfig:
-    """Settings of one MNIST pruning run; every field is a command-line option.
-
-    Example:
-
-    >>> MnistConfig(quick=True).rounds
-    18
-    """
+class JobConfig:
+    """Settings every MNIST job shares: the data, the output folder, the
+    dense training. Every field is a command-line option."""
 
     data: str | None = _option(
         None, "MNIST .npz in Keras layout (default: download with keras.datasets)"
     )
     out: str = _option(
         "runs/mnist",
-        "output folder for report.md, rounds.csv, accuracy_vs_kept.png and the "
-        "checkpoints that --resume continues from",
+        "output folder for report.md, rounds.csv, the plot and the checkpoints "
+        "that --resume continues from",
     )
     quick: bool = _option(
         False,
         "4,000 training and 2,000 test images unless given, one epoch per stage "
-        "(overrides --dense-epochs and --epochs-per-round)",
+        "(fewer epochs everywhere)",
     )
     seed: int = _option(0, "random seed of Keras, NumPy and TensorFlow")
     batch_size: int = _option(128, "training batch size")
     dense_epochs: int = _option(3, "epochs of dense training before pruning")
     dense_lr: float = _option(1e-3, "Adam learning rate of the dense training")
-    rounds: int = _option(
-        18, "pruning rounds; round k keeps factor**k of the Dense weights"
-    )
-    factor: float = _option(0.7, "fraction of the Dense weights kept per round")
-    epochs_per_round: int = _option(2, "retraining epochs after each cut")
-    prune_lr: float = _option(3e-4, "Adam learning rate while pruning")
-    final_lr: float = _option(1e-4, "learning rate of the last two rounds")
-    fc2_min_kept: float = _option(0.04, "least fraction of fc2's weights kept")
     dropout: float = _option(0.5, "dropout rate before fc2 in the dense network")
-    scale_dropout: bool = _option(
-        True, "shrink dropout with the connections (Han et al.)"
-    )
     train_samples: int | None = _option(None, "use only the first N training images")
     test_samples: int | None = _option(None, "use only the first N test images")
 
-    def validate(self) -> MnistConfig:
-        """Checks every setting before anything runs; returns `self`.
-
-        Raises:
-            ValueError: Naming the first bad option and the value received.
-            FileNotFoundError: If `data` is given and is not a file.
-
-        Example:
-
-        >>> MnistConfig(factor=1.5).validate()
-        Traceback (most recent call last):
-        ...
-        ValueError: Expected --factor (the fraction kept per round) in (0, 1). \
-Received: --factor=1.5
-        """
-        checks = [
-            ("rounds", "the number of pruning rounds", lambda v: v >= 1, ">= 1"),
-            ("factor", "the fraction kept per round", lambda v: 0 < v < 1, "in (0, 1)"),
-            ("fc2_min_kept", "a kept fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    def _checks(self) -> list[tuple[str, str, Any, str]]:
+        """`(field, what it is, test, expected)` for each setting to check."""
+        return [
             ("dropout", "a dropout rate", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("batch_size", "a batch size", lambda v: v >= 1, ">= 1"),
             ("dense_epochs", "a number of epochs", lambda v: v >= 1, ">= 1"),
-            ("epochs_per_round", "a number of epochs", lambda v: v >= 1, ">= 1"),
             ("dense_lr", "a learning rate", lambda v: v > 0, "> 0"),
-            ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
-            ("final_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("seed", "a random seed", lambda v: v >= 0, ">= 0"),
             (
                 "train_samples",
@@ -95,7 +63,23 @@ Received: --factor=1.5
                 ">= 1",
             ),
         ]
-        for name, what, valid, expected in checks:
+
+    def validate(self: _Config) -> _Config:
+        """Checks every setting before anything runs; returns `self`.
+
+        Raises:
+            ValueError: Naming the first bad option and the value received.
+            FileNotFoundError: If `data` is given and is not a file.
+
+        Example:
+
+        >>> MnistConfig(factor=1.5).validate()
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected --factor (the fraction kept per round) in (0, 1). \
+Received: --factor=1.5
+        """
+        for name, what, valid, expected in self._checks():
             value = getattr(self, name)
             if not valid(value):
                 option = "--" + name.replace("_", "-")
@@ -106,7 +90,7 @@ Received: --factor=1.5
         check_path(self.data)
         return self
 
-    def resolved(self) -> MnistConfig:
+    def resolved(self: _Config) -> _Config:
         """Fills the quick mode's smaller sizes where none was given.
 
         Example:
@@ -119,7 +103,98 @@ Received: --factor=1.5
         return dataclasses.replace(
             self,
             dense_epochs=min(self.dense_epochs, 1),
-            epochs_per_round=1,
             train_samples=self.train_samples or 4000,
             test_samples=self.test_samples or 2000,
+            **self._quick(),
         )
+
+    def _quick(self) -> dict[str, Any]:
+        """The job's own settings in quick mode."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig(JobConfig):
+    """Settings of one MNIST pruning run (`keras-prune mnist`): the seed
+    report's pruning of fc1 and fc2, round by round.
+
+    Example:
+
+    >>> MnistConfig(quick=True).rounds
+    18
+    """
+
+    rounds: int = _option(
+        18, "pruning rounds; round k keeps factor**k of the Dense weights"
+    )
+    factor: float = _option(0.7, "fraction of the Dense weights kept per round")
+    epochs_per_round: int = _option(2, "retraining epochs after each cut")
+    prune_lr: float = _option(3e-4, "Adam learning rate while pruning")
+    final_lr: float = _option(1e-4, "learning rate of the last two rounds")
+    fc2_min_kept: float = _option(0.04, "least fraction of fc2's weights kept")
+    scale_dropout: bool = _option(
+        True, "shrink dropout with the connections (Han et al.)"
+    )
+
+    def _checks(self) -> list[tuple[str, str, Any, str]]:
+        return [
+            ("rounds", "the number of pruning rounds", lambda v: v >= 1, ">= 1"),
+            ("factor", "the fraction kept per round", lambda v: 0 < v < 1, "in (0, 1)"),
+            ("fc2_min_kept", "a kept fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("epochs_per_round", "a number of epochs", lambda v: v >= 1, ">= 1"),
+            ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("final_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            *super()._checks(),
+        ]
+
+    def _quick(self) -> dict[str, Any]:
+        return {"epochs_per_round": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredConfig(JobConfig):
+    """Settings of the structured MNIST run (`keras-prune mnist-structured`):
+    whole filters of conv1 and conv2 and units of fc1 pruned by their L1 norm
+    (`granularity="unit"`), then `shrink`.
+
+    Example:
+
+    >>> StructuredConfig(quick=True).resolved().prune_epochs
+    2
+    """
+
+    out: str = _option(
+        "runs/mnist-structured",
+        "output folder for report.md, rounds.csv, accuracy_vs_speedup.png, "
+        "shrunk.keras and the checkpoints that --resume continues from",
+    )
+    kept_conv1: float = _option(0.375, "fraction of conv1's 32 filters kept")
+    kept_conv2: float = _option(0.25, "fraction of conv2's 64 filters kept")
+    kept_fc1: float = _option(0.125, "fraction of fc1's 1024 units kept")
+    norm: str = _option("l1", "how a filter or unit is ranked: l1 or l2")
+    prune_epochs: int = _option(
+        6, "epochs over which the polynomial schedule removes filters and units"
+    )
+    tune_epochs: int = _option(3, "fine-tuning epochs after the last cut")
+    prune_lr: float = _option(3e-4, "Adam learning rate while pruning")
+    tune_lr: float = _option(1e-4, "Adam learning rate of the fine-tuning")
+
+    def _checks(self) -> list[tuple[str, str, Any, str]]:
+        kept = (lambda v: 0 < v <= 1, "in (0, 1]")
+        return [
+            ("kept_conv1", "a kept fraction", *kept),
+            ("kept_conv2", "a kept fraction", *kept),
+            ("kept_fc1", "a kept fraction", *kept),
+            ("norm", "a norm", lambda v: v in ("l1", "l2"), "to be l1 or l2"),
+            ("prune_epochs", "a number of epochs", lambda v: v >= 1, ">= 1"),
+            ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
+            ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            *super()._checks(),
+        ]
+
+    def _quick(self) -> dict[str, Any]:
+        return {
+            "prune_epochs": min(self.prune_epochs, 2),
+            "tune_epochs": min(self.tune_epochs, 1),
+        }
