@@ -65,6 +65,7 @@ if _keras_error is None:
         shrink_summary,
         sparsity_summary,
     )
+    from keras_prune.units import prune_units
 else:
     # The command line still starts (its settings and dependency checks need
     # no Keras) and says which extra to install; the library says it here.
@@ -112,6 +113,7 @@ __all__ = [
     "make_prunable",
     "masked_class",
     "masked_layers",
+    "prune_units",
     "shrink",
     "shrink_summary",
     "sparsity_summary",

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_prune.channels import ChannelGraph, nonzero_groups
+from keras_prune.channels import ChannelGraph
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedDense,
     MaskedLayer,
@@ -19,14 +19,13 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     masked_layers,
 )
 from keras_prune.masks import (
-    NORMS,
     block_scores,
     check_finite,
     global_magnitude_masks,
     magnitude_mask,
     pruned_count,
-    unit_scores,
     validate_granularity,
+    validate_norm,
     validate_sparsity,
 )
 from keras_prune.schedules import (
@@ -36,6 +35,7 @@ from keras_prune.schedules import (
     validate_end,
     validate_step,
 )
+from keras_prune.units import masks_to_prune, select_units
 
 SCOPES = ("layer", "global")
 UNITS = ("epoch", "step")
@@ -221,10 +221,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self.units = isinstance(granularity, str) and granularity == "unit"
         self.block = None if self.units else validate_granularity(granularity)
         self.granularity = granularity if self.block is None else self.block
-        if norm not in NORMS:
-            raise ValueError(
-                f"Expected `norm` to be one of {list(NORMS)}. Received: norm={norm!r}"
-            )
+        validate_norm(norm)
         if norm != "l1" and not self.units:
             raise ValueError(
                 '`norm` ranks whole units: it needs granularity="unit". '
@@ -632,49 +629,21 @@ class IterativePruningCallback(keras.callbacks.Callback):
         if not due:
             return
         self._sync_backend_state()
-        scores, live = [], []
-        for names, groups, _ in due:
-            slices, alive = [], set()
-            for name in names:
-                entry = graph.layers[name]
-                key, axis, ids = entry.makes()  # type: ignore[misc]
-                layer = entry.layer
-                mask = ops.convert_to_numpy(layer.masks[key])
-                weights = _finite(layer, key, layer.prunable_weights[key]) * mask
-                slices.append((weights, axis, ids))
-                alive |= nonzero_groups(mask, axis, ids)
-            scores.append(unit_scores(slices, groups, self.norm))
-            live.append(np.isin(groups, list(alive)).astype(np.float64))
-        if self.scope == "global":
-            floors, caps = self._unit_bounds([names for names, _, _ in due])
-            kept = global_magnitude_masks(
-                scores, live, due[0][2], min_kept=floors, max_kept=caps
-            )
-        else:
-            kept = [
-                magnitude_mask(s, alive, target)
-                for s, alive, (_, _, target) in zip(scores, live, due, strict=True)
-            ]
-        pruned, thresholds = [], {}
-        for (names, groups, _), k, s in zip(due, kept, scores, strict=True):
-            pruned.extend(groups[k == 0].tolist())
-            smallest = float(s[k != 0].min()) if (k != 0).any() else 0.0
-            thresholds.update(dict.fromkeys(names, smallest))
-        for name, masks in graph.masks_without(pruned).items():
-            layer = graph.layers[name].layer
-            if not isinstance(layer, MaskedLayer):
-                continue
-            current = {key: ops.convert_to_numpy(m) for key, m in layer.masks.items()}
-            changed = {
-                key: current[key] * mask
-                for key, mask in masks.items()
-                if np.count_nonzero(current[key] * mask)
-                < np.count_nonzero(current[key])
-            }
-            if changed:
-                self._apply(layer, changed, thresholds.get(name, 0.0))
-                if name not in thresholds:  # only lost rows: no units ranked
-                    self._thresholds.pop(id(layer), None)
+        sets = [(names, groups) for names, groups, _ in due]
+        floors, caps = self._unit_bounds([names for names, _ in sets])
+        pruned, thresholds = select_units(
+            graph,
+            sets,
+            [target for _, _, target in due],
+            self.norm,
+            self.scope,
+            min_kept=floors,
+            max_kept=caps,
+        )
+        for layer, changed in masks_to_prune(graph, pruned):
+            self._apply(layer, changed, thresholds.get(layer.name, 0.0))
+            if layer.name not in thresholds:  # only lost rows: no units ranked
+                self._thresholds.pop(id(layer), None)
 
     def _unit_bounds(self, sets: list[list[str]]) -> tuple[list[float], list[float]]:
         """Per unit set, the largest `min_kept` and the smallest `max_kept`

@@ -195,6 +195,24 @@ def validate_granularity(value: object) -> tuple[int, int] | None:
 NORMS = ("l1", "l2")
 
 
+def validate_norm(value: object) -> str:
+    """Checks a unit norm, `"l1"` or `"l2"`, and returns it.
+
+    Raises:
+        ValueError: Naming `norm` and the value received.
+
+    Example:
+
+    >>> validate_norm("l2")
+    'l2'
+    """
+    if not isinstance(value, str) or value not in NORMS:
+        raise ValueError(
+            f"Expected `norm` to be one of {list(NORMS)}. Received: norm={value!r}"
+        )
+    return value
+
+
 def unit_scores(
     slices: list[tuple[np.ndarray, int, np.ndarray]],
     groups: np.ndarray,
@@ -232,11 +250,7 @@ def unit_scores(
         Li et al. 2017, "Pruning Filters for Efficient ConvNets",
         arXiv:1608.08710 (L1 norm of filters).
     """
-    if norm not in NORMS:
-        raise ValueError(
-            f"Expected `norm` to be one of {list(NORMS)}. Received: {norm!r}"
-        )
-    power = 1 if norm == "l1" else 2
+    power = 1 if validate_norm(norm) == "l1" else 2
     position = {int(g): i for i, g in enumerate(np.asarray(groups).tolist())}
     sums = np.zeros(len(position))
     counts = np.zeros(len(position))

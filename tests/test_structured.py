@@ -184,3 +184,15 @@ def test_logs_the_smallest_kept_unit_score():
     assert history.history["threshold/hidden"][-1] == pytest.approx(1.0)
     assert "threshold/out" not in history.history  # it lost rows, not units
     assert ops.convert_to_numpy(model.get_layer("hidden").sparsity) == 0.5
+
+
+def test_prune_units_prunes_once_and_counts_only_new_units():
+    model = residual_model()
+    assert kp.prune_units(model, 0.5) == 4 + 3  # {a, b}: 4 of 8; {c}: 3 of 6
+    assert pruned_filters(model, "a") == pruned_filters(model, "b")
+    assert kp.prune_units(model, 0.5) == 0  # already there
+    assert kp.prune_units(model, 0.75, scope="global") == round(0.75 * 14) - 7
+    with pytest.raises(ValueError, match="Expected `norm` to be one of"):
+        kp.prune_units(model, 0.5, norm="l0")
+    with pytest.raises(ValueError, match="Received: scope='net'"):
+        kp.prune_units(model, 0.5, scope="net")
