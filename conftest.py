@@ -25,6 +25,7 @@ TENSORFLOW_ONLY = [
     "tests/test_layers.py",
     "tests/test_litert.py",
     "tests/test_mnist.py",
+    "tests/test_mnist_structured.py",
     "tests/test_native.py",
     "tests/test_notebook.py",
     "tests/test_summary.py",

@@ -39,3 +39,13 @@ def test_deploy_benchmark_runs_and_prints_every_format():
         ".tflite float16 | refused",
     ]
     assert all(name in out for name in formats), out
+
+
+def test_structured_benchmark_prints_both_fractions_for_mobilenetv2():
+    out = quick_run("structured.py", 1)
+    assert out.startswith("# Structured pruning benchmark")
+    for fraction in ("25%", "50%"):
+        for batch in (1, 32):
+            assert f"| MobileNetV2 96x96 | {fraction} |" in out
+            assert f" | {batch} | " in out
+    assert "| seed network 28x28 | 50% |" in out

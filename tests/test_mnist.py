@@ -91,11 +91,16 @@ QUICK = ("--quick", "--rounds", "8", "--factor", "0.5")
 
 
 def keras_prune_mnist(*options):
-    """Starts `keras-prune mnist` in quick mode in a new process, as a user
-    would from a terminal (Ctrl-C on: a process started in the background of
-    a script inherits SIGINT ignored)."""
+    """Starts `keras-prune mnist` in quick mode in a new process."""
+    return keras_prune_command("mnist", *QUICK, *options)
+
+
+def keras_prune_command(*arguments):
+    """Starts `keras-prune` in a new process, as a user would from a
+    terminal (Ctrl-C on: a process started in the background of a script
+    inherits SIGINT ignored)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "keras_prune", "mnist", *QUICK, *options],
+        [sys.executable, "-m", "keras_prune", *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

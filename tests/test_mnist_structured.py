@@ -2,11 +2,8 @@
 seed network, shrinks it, and measures it; stops and resumes like the main
 job."""
 
-import csv
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import keras
@@ -14,30 +11,13 @@ import numpy as np
 import pytest
 
 from keras_prune.cli import main
-from tests.test_mnist import MNIST
+from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
 
 OPTIONS = ("--quick", "--train-samples", "3000", "--test-samples", "1000")
 
 
 def keras_prune_structured(*options):
-    return subprocess.Popen(
-        [sys.executable, "-m", "keras_prune", "mnist-structured", *OPTIONS, *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def finish(process, timeout=600):
-    stdout, stderr = process.communicate(timeout=timeout)
-    return process.returncode, stdout, stderr
-
-
-def read_rows(folder):
-    with open(folder / "rounds.csv") as file:
-        return list(csv.DictReader(file))
+    return keras_prune_command("mnist-structured", *OPTIONS, *options)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -243,6 +244,24 @@ def train_dense(
                         accuracy)  # fmt: skip
 
 
+def trained_dense(
+    config: JobConfig,
+    data: Data,
+    folder: RunFolder,
+    verbose: int = 2,
+    row: Callable[[Round], Any] = dataclasses.asdict,
+) -> keras.Model:
+    """The dense network: read back where `folder` holds it, else trained
+    (from `config.seed`) and recorded as the folder's first row, `row(its
+    Round)`."""
+    if folder.rows:
+        return folder.load_model("dense")
+    keras.utils.set_random_seed(config.seed)
+    dense, dense_round = train_dense(config, data, verbose)
+    folder.record([row(dense_round)], {"dense": dense})
+    return dense
+
+
 def prune(
     config: MnistConfig,
     dense: keras.Model,
@@ -381,7 +400,7 @@ def deploy(
     )
 
 
-def settings(config: MnistConfig) -> dict[str, Any]:
+def settings(config: JobConfig) -> dict[str, Any]:
     """The settings a resumed run must share: all but the output folder.
 
     Example:
@@ -431,12 +450,7 @@ def run(
     if folder is None:
         folder = RunFolder(config.out, settings(config))
     data = prepare_data(config)
-    if folder.rows:
-        dense = folder.load_model("dense")
-    else:
-        keras.utils.set_random_seed(config.seed)
-        dense, dense_row = train_dense(config, data, verbose)
-        folder.record([dataclasses.asdict(dense_row)], {"dense": dense})
+    dense = trained_dense(config, data, folder, verbose)
     masked, _ = prune(config, dense, data, verbose, folder)
     deployment = deploy(config, dense, masked, data, folder.path)
     folder.record(folder.rows, finished=True)

@@ -232,14 +232,37 @@ def write_partial_report(
             f"after round {rounds[-1].round}, before round {len(rounds)} "
             f"of {config.rounds}"
         )
-    text = f"""# MNIST iterative pruning: keras_prune vs the seed report (unfinished)
+    return unfinished_report(
+        "MNIST iterative pruning: keras_prune vs the seed report",
+        stopped,
+        seconds,
+        "Test accuracy after each finished round",
+        comparison_table(rounds) if rounds else "(none yet)",
+        config,
+        folder,
+    )
+
+
+def unfinished_report(
+    title: str,
+    stopped: str,
+    seconds: float,
+    heading: str,
+    table: str,
+    config: JobConfig,
+    folder: str,
+) -> str:
+    """Writes `report.md` of a stopped run to `folder`: where it stopped,
+    how to continue, what it finished (`table` under `heading`) and its
+    settings. Returns the report's path."""
+    text = f"""# {title} (unfinished)
 
 **Stopped {stopped}**, after {seconds / 60:.1f} min.
 Rerun the same command with `--resume` to continue from there.
 
-## Test accuracy after each finished round
+## {heading}
 
-{comparison_table(rounds) if rounds else "(none yet)"}
+{table}
 
 {_settings_and_versions(config, versions())}"""
     os.makedirs(folder, exist_ok=True)

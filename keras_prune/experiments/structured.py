@@ -23,13 +23,15 @@ import keras
 import numpy as np
 
 import keras_prune as kp
-from keras_prune.experiments.mnist import (
+from keras_prune.experiments.mnist import (  # noqa: F401 - settings: the CLI's
     Data,
+    Round,
     _compile,
     prepare_data,
     save_without_optimizer,
+    settings,
     time_test_set,
-    train_dense,
+    trained_dense,
     versions,
 )
 from keras_prune.experiments.progress import RunFolder
@@ -173,10 +175,10 @@ def prune(
     return masked, rows
 
 
-def settings(config: StructuredConfig) -> dict[str, Any]:
-    """The settings a resumed run must share: all but the output folder."""
-    resolved = dataclasses.asdict(config.resolved())
-    return {key: value for key, value in resolved.items() if key != "out"}
+def _dense_row(dense: Round) -> dict[str, Any]:
+    """Row 0: the dense network, all of it kept."""
+    row = Epoch(dense.epoch, "dense", 1.0, 1.0, 1.0, 1.0, 1.0, dense.test_accuracy)
+    return dataclasses.asdict(row)
 
 
 def _predict(model: keras.Model, images: np.ndarray) -> Any:
@@ -202,14 +204,7 @@ def run(
     if folder is None:
         folder = RunFolder(config.out, settings(config))
     data = prepare_data(config)
-    if folder.rows:
-        dense = folder.load_model("dense")
-    else:
-        keras.utils.set_random_seed(config.seed)
-        dense, dense_round = train_dense(config, data, verbose)
-        row = Epoch(dense_round.epoch, "dense", 1.0, 1.0, 1.0, 1.0, 1.0,
-                    dense_round.test_accuracy)  # fmt: skip
-        folder.record([dataclasses.asdict(row)], {"dense": dense})
+    dense = trained_dense(config, data, folder, verbose, _dense_row)
     masked, _ = prune(config, dense, data, verbose, folder)
     shrunk = shrink_quietly(masked)
     save_without_optimizer(shrunk, os.path.join(folder.path, "shrunk.keras"))

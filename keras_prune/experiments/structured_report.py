@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from keras_prune.experiments.mnist import versions
 from keras_prune.experiments.progress import CSV
-from keras_prune.experiments.report import _settings_and_versions, _write
+from keras_prune.experiments.report import (
+    _settings_and_versions,
+    _write,
+    unfinished_report,
+)
 from keras_prune.experiments.settings import StructuredConfig
 from keras_prune.experiments.structured import Epoch, StructuredResult
 
@@ -175,20 +178,15 @@ def write_partial_report(
         if not epochs
         else f"after {len(epochs) - 1} of {total} epochs of pruning and fine-tuning"
     )
-    text = f"""# MNIST structured pruning (unfinished)
-
-**Stopped {stopped}**, after {seconds / 60:.1f} min.
-Rerun the same command with `--resume` to continue from there.
-
-## After each finished epoch
-
-{epochs_table(epochs) if epochs else "(none yet)"}
-
-{_settings_and_versions(config, versions())}"""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "report.md")
-    _write(path, text)
-    return path
+    return unfinished_report(
+        "MNIST structured pruning",
+        stopped,
+        seconds,
+        "After each finished epoch",
+        epochs_table(epochs) if epochs else "(none yet)",
+        config,
+        folder,
+    )
 
 
 def console(result: StructuredResult) -> str:
