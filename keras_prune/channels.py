@@ -30,8 +30,9 @@ A group is *pinned*, never removed, when one of its channels is a model
 input or output, or reaches an operation that mixes channels in a way that
 a removed channel would change (softmax over channels, `LayerNormalization`,
 a `Reshape` of the channel axis, `channels_first` layouts, grouped
-convolutions) or one this module does not know (a custom layer, a nested
-model, an attention layer, a recurrent layer). The reason is kept, so that
+convolutions) or one this module does not know (a custom layer, an attention
+layer, a recurrent layer). A nested Sequential or Functional model (a
+`keras.applications` backbone) is walked through. The reason is kept, so that
 nothing is left out silently.
 
 Reference: the dependency graph of torch-pruning, Fang et al. 2023,
@@ -47,7 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.masking import is_graph_model
+from keras_prune.masking import is_graph_model, layer_labels
 
 _L = keras.layers
 
@@ -125,7 +126,8 @@ class LayerChannels:
             input axis (for a `Dense` after `Flatten`, of each flattened
             feature); empty for an `Embedding` (its input holds indices).
         outputs: Group of each output unit, filter or channel.
-        input: The (symbolic) input tensor of the layer's first call.
+        input: The (symbolic) input tensor of the layer's first call;
+            `None` inside a nested model.
         calls: How many times the model calls the layer (shared layers:
             more than one).
     """
@@ -258,22 +260,23 @@ class ChannelGraph:
         self._parent: list[int] = []
         self._pins: dict[int, str] = {}
         self._ids: dict[int, np.ndarray] = {}
-        self._layers: dict[str, LayerChannels] = {}
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                self._visit(node)
+        self._layers: dict[int, LayerChannels] = {}
+        self._nesting = 0
+        self._walk(graph)
         for tensor in graph.outputs:
             self._pin(self._ids_of(tensor), "model output")
         self.pinned: dict[int, str] = {}
         for index, reason in self._pins.items():
             self.pinned.setdefault(self.find(index), reason)
+        entries = list(self._layers.values())
+        labels = layer_labels([entry.layer for entry in entries])
         self.layers = {
-            name: dataclasses.replace(
+            label: dataclasses.replace(
                 entry,
                 inputs=self._roots(entry.inputs),
                 outputs=self._roots(entry.outputs),
             )
-            for name, entry in self._layers.items()
+            for label, entry in zip(labels, entries, strict=True)
         }
 
     # --- union-find over channel ids -----------------------------------
@@ -312,23 +315,53 @@ class ChannelGraph:
         return self._ids[id(tensor)]
 
     # --- the walk --------------------------------------------------------
+    def _walk(self, graph: Any) -> None:
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            for node in graph._nodes_by_depth[depth]:
+                self._visit(node)
+
     def _visit(self, node: Any) -> None:
         layer = node.operation
         if node.is_input:
             for tensor in node.outputs:
-                self._ids[id(tensor)] = self._new(_channels(tensor), "model input")
+                if id(tensor) not in self._ids:  # a nested model's: mapped
+                    self._ids[id(tensor)] = self._new(_channels(tensor), "model input")
             return
         inputs = [self._ids_of(t) for t in node.input_tensors]
+        if is_graph_model(layer) and self._nested(layer, node, inputs):
+            return
         reason = _unsupported(layer, node)
         outputs = None if reason else self._rule(layer, node, inputs)
         if outputs is None:
-            reason = reason or f"{type(layer).__name__} changes the channel axis"
+            reason = reason or (
+                f"read by {type(layer).__name__}, which channel pruning does "
+                "not see through"
+            )
             why = f"{reason} ({layer.name!r})"
             for ids in inputs:
                 self._pin(ids, why)
             outputs = [self._new(_channels(t), why) for t in node.outputs]
         for tensor, ids in zip(node.outputs, outputs, strict=True):
             self._ids[id(tensor)] = ids
+
+    def _nested(self, model: Any, node: Any, inputs: list[np.ndarray]) -> bool:
+        """Walks a nested Sequential or Functional model's own graph, its
+        inputs carrying the groups of the node's; `False` where its inputs
+        or outputs do not match the node's (it is then pinned)."""
+        graph = getattr(model, "_functional", None) or model
+        outputs = list(getattr(graph, "outputs", None) or [])
+        if len(graph.inputs) != len(inputs) or len(outputs) != len(node.outputs):
+            return False
+        for tensor, ids in zip(graph.inputs, inputs, strict=True):
+            self._ids[id(tensor)] = ids
+        self._nesting += 1
+        try:
+            self._walk(graph)
+        finally:
+            self._nesting -= 1
+        for outer, inner in zip(node.outputs, outputs, strict=True):
+            self._ids[id(outer)] = self._ids_of(inner)
+        return True
 
     def _record(
         self,
@@ -341,10 +374,13 @@ class ChannelGraph:
         calls join their groups with its first call's. Returns the output
         ids."""
         layer = node.operation
-        seen = self._layers.get(layer.name)
+        seen = self._layers.get(id(layer))
         if seen is None:
-            self._layers[layer.name] = LayerChannels(
-                layer, kind, inputs, outputs, node.input_tensors[0]
+            # A nested model's tensors are not reachable from the model's
+            # inputs: no `input` to read values at.
+            tensor = None if self._nesting else node.input_tensors[0]
+            self._layers[id(layer)] = LayerChannels(
+                layer, kind, inputs, outputs, tensor
             )
             return outputs
         seen.calls += 1

@@ -212,23 +212,26 @@ class _Plan:
                 self._kept_group(group, "dead, but no `sample` to read its constant")
             return set()
         reading = [e for e in readers if np.isin(e.inputs, list(dead)).any()]
-        shared = [e for e in reading if e.calls != 1]
-        reading = [e for e in reading if e.calls == 1]
         unfoldable: dict[int, str] = {}
-        for entry in shared:
+        for entry in reading:
+            if entry.calls != 1:
+                why = f"read by shared layer {entry.layer.name!r}"
+            elif entry.input is None:
+                why = f"read by {entry.layer.name!r} inside a nested model"
+            else:
+                continue
             for group in set(entry.inputs.tolist()) & dead:
-                unfoldable.setdefault(
-                    group, f"read by shared layer {entry.layer.name!r}"
-                )
+                unfoldable.setdefault(group, why)
+        reading = [e for e in reading if e.calls == 1 and e.input is not None]
         inputs = _run_to(self.graph.model, [e.input for e in reading], probe)
         deltas: dict[int, dict[int, np.ndarray]] = collections.defaultdict(dict)
         for entry, seen in zip(reading, inputs, strict=True):
             for group in set(entry.inputs.tolist()) & dead:
-                delta, why = _constant_term(
+                delta, refusal = _constant_term(
                     entry, self.values[id(entry.layer)], seen, group
                 )
                 if delta is None:
-                    unfoldable.setdefault(group, str(why))
+                    unfoldable.setdefault(group, str(refusal))
                 else:
                     deltas[group][id(entry.layer)] = delta
         folded = dead - set(unfoldable)

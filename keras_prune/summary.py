@@ -283,7 +283,8 @@ def _fraction(part: int, whole: int) -> str:
 def shrink_summary(original: keras.Model, shrunk: keras.Model) -> ShrinkSummary:
     """Units, parameters and FLOPs of each layer, before and after `shrink`.
 
-    Layers are matched by name (`shrink` keeps names). FLOPs are counted per
+    Layers are matched by name (`shrink` keeps names); the layers of a nested
+    Sequential or Functional model count as the model's. FLOPs are counted per
     example as 2 per multiply-add of the kernels of `Dense`, `EinsumDense`,
     convolutions (transposed, depthwise and separable too), from the layers'
     output shapes; normalization, activation and pooling are not counted.
@@ -339,13 +340,13 @@ def shrink_summary(original: keras.Model, shrunk: keras.Model) -> ShrinkSummary:
 
 def _layer_costs(model: keras.Model) -> dict[str, tuple[str, int, int, int]]:
     """`{layer name: (stock class name, units, parameters, FLOPs per
-    example)}` for every layer of a graph model."""
+    example)}` for every layer of a graph model, the layers of nested graph
+    models included (named `"<model>/<layer>"` where a name repeats)."""
     if not is_graph_model(model):
         raise ValueError(
             "Expected a Sequential or Functional model: FLOPs are read from its "
             f"layer graph. Received: {type(model).__name__} {model.name!r}"
         )
-    graph = getattr(model, "_functional", None) or model
     masks = {
         id(variable)
         for layer in model._flatten_layers()
@@ -353,20 +354,32 @@ def _layer_costs(model: keras.Model) -> dict[str, tuple[str, int, int, int]]:
         for variable in layer.masks.values()
     }
     costs: dict[str, tuple[str, int, int, int]] = {}
+    _add_costs(model, masks, costs)
+    return costs
+
+
+def _add_costs(
+    model: keras.Model, masks: set[int], costs: dict[str, tuple[str, int, int, int]]
+) -> None:
+    graph = getattr(model, "_functional", None) or model
+    names = {}
     for layer in graph.layers:
+        if is_graph_model(layer):
+            _add_costs(layer, masks, costs)
+            continue
+        name = layer.name if layer.name not in costs else f"{model.name}/{layer.name}"
+        names[id(layer)] = name
         params = sum(int(np.prod(v.shape)) for v in layer.weights if id(v) not in masks)
         output = layer.output if layer._inbound_nodes else None
         units = int(output.shape[-1]) if output is not None and output.shape else 0
-        kind = stock_class(type(layer)).__name__
-        costs[layer.name] = (kind, units, params, 0)
+        costs[name] = (stock_class(type(layer)).__name__, units, params, 0)
     for depth in graph._nodes_by_depth.values():
         for node in depth:
-            layer = node.operation
-            if node.is_input or layer.name not in costs:
+            name = names.get(id(node.operation))
+            if node.is_input or name is None:
                 continue
-            kind, units, params, flops = costs[layer.name]
-            costs[layer.name] = (kind, units, params, flops + 2 * _multiply_adds(node))
-    return costs
+            kind, units, params, flops = costs[name]
+            costs[name] = (kind, units, params, flops + 2 * _multiply_adds(node))
 
 
 def _multiply_adds(node: object) -> int:

@@ -416,3 +416,33 @@ def test_shrink_summary_counts_units_parameters_and_flops():
     assert summary["fc1"].params_after == 1568 * 1024 + 1024
     assert summary.params_before == model.count_params()
     assert "conv2" in str(summary) and "conv1" not in str(summary)
+
+
+def test_a_nested_backbone_is_walked_through_and_shrunk():
+    backbone = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            L.Conv2D(8, 3, padding="same", name="inner_conv"),
+            L.BatchNormalization(name="inner_bn"),
+            L.ReLU(),
+        ],
+        name="backbone",
+    )
+    randomize_statistics(backbone)
+    inputs = keras.Input((6, 6, 2))
+    x = L.GlobalAveragePooling2D()(backbone(inputs))
+    model = keras.Model(inputs, L.Dense(3, name="head")(x))
+    masked = kp.make_prunable(model)
+    graph = ChannelGraph(masked)
+    assert [names for names, _ in graph.unit_sets()] == [["inner_conv"]]
+    assert kp.prune_units(masked, 0.5) == 4
+    small = shrink_quietly(masked)
+    inner = small.get_layer("backbone")
+    assert inner.get_layer("inner_conv").filters == 4
+    assert inner.get_layer("inner_bn").gamma.shape[0] == 4
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 2)).astype("float32")
+    assert max_difference(masked, small, x) <= 1e-5
+    summary = kp.shrink_summary(masked, small)
+    # 6*6*8 outputs of 3*3*2 multiply-adds, then half the filters.
+    assert summary["inner_conv"].flops_before == 2 * 6 * 6 * 8 * 18
+    assert summary["inner_conv"].flops_after == summary["inner_conv"].flops_before // 2
