@@ -68,8 +68,9 @@ def shrink(model: keras.Model, *, sample: Any = None) -> keras.Model:
     together or stay. Kept, with a warning naming them and why: the units of
     the model's outputs, channels that reach a layer that mixes channels in a
     way the walk cannot follow (`LayerNormalization`, softmax over channels,
-    a `Reshape` of the channel axis, a custom or recurrent layer, a nested
-    model), and dead units whose constant cannot be folded.
+    a `Reshape` of the channel axis, a custom or recurrent layer), and dead
+    units whose constant cannot be folded (those inside a nested model, whose
+    layers are otherwise walked through and shrunk).
 
     The result is checked against the input model on `sample` (or on random
     inputs where the model's input shapes are known): outputs must agree
