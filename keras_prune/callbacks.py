@@ -35,7 +35,13 @@ from keras_prune.schedules import (
     validate_end,
     validate_step,
 )
-from keras_prune.units import masks_to_prune, select_units
+from keras_prune.units import (
+    channel_graph,
+    kept_whole,
+    masked_sets,
+    masks_to_prune,
+    select_units,
+)
 
 SCOPES = ("layer", "global")
 UNITS = ("epoch", "step")
@@ -555,46 +561,10 @@ class IterativePruningCallback(keras.callbacks.Callback):
         epoch by epoch)."""
         if self._channels is not None and self._channels.model is self.model:
             return
-        try:
-            self._channels = ChannelGraph(self.model)
-        except ValueError as error:
-            raise ValueError(
-                f'granularity="unit" prunes whole units, found in the layer graph: '
-                f"{error}"
-            ) from error
-        graph = self._channels
-        ranked = {name for names, _ in graph.unit_sets() for name in names}
-        masked = {id(layer) for layer in masked_layers(self.model)}
-        kept = []
-        for label, layer in self._labelled():
-            if label in ranked:
-                continue
-            entry = graph.layers.get(layer.name)
-            made = None if entry is None else entry.makes()
-            reason = (
-                graph.pinned.get(int(made[2][0]), "pinned")
-                if made is not None and len(made[2])
-                else "not a layer whose units the graph follows"
-            )
-            kept.append(f"{label!r} ({reason})")
-        unmasked = sorted(
-            entry.layer.name
-            for entry in graph.layers.values()
-            if (entry.makes() or entry.reads()) and id(entry.layer) not in masked
-        )
-        if kept or unmasked:
-            warnings.warn(
-                'granularity="unit" keeps every unit of '
-                + ("; ".join(kept) or "no masked layer")
-                + (
-                    f". Layers without masks cannot drop units or the rows that "
-                    f"read pruned ones: {unmasked}"
-                    if unmasked
-                    else ""
-                )
-                + ".",
-                stacklevel=3,
-            )
+        self._channels = channel_graph(self.model, 'granularity="unit"')
+        note = kept_whole(self._channels, self.model)
+        if note:
+            warnings.warn(f'granularity="unit" {note}', stacklevel=3)
 
     def _unit_target(self, names: list[str], position: int) -> float:
         """A unit set's target at `position`: the smallest of its layers'
@@ -611,7 +581,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         per set of coupled layers, or globally."""
         graph = self._channels
         assert graph is not None
-        sets = graph.unit_sets()
+        sets = masked_sets(graph)
         if self.scope == "global":
             target = self.layer_schedules[None](position)
             if target <= self._applied.get(None, -1.0):

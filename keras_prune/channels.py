@@ -48,7 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.masking import is_graph_model, layer_labels
+from keras_prune.masking import is_graph_model
 
 _L = keras.layers
 
@@ -119,8 +119,9 @@ class LayerChannels:
     Attributes:
         layer: The layer.
         kind: `"dense"` (also a 2-D `EinsumDense`), `"conv"`,
-            `"conv_transpose"`, `"depthwise"`, `"separable"`, `"embedding"`
-            or `"channelwise"` (normalization, activation and other layers
+            `"conv_transpose"`, `"depthwise"`, `"separable"`, `"embedding"`,
+            `"reshape"` (a `Reshape` that keeps the channel axis last) or
+            `"channelwise"` (normalization, activation and other layers
             with per-channel weights or none).
         inputs: Group of each input channel: of each row of the kernel's
             input axis (for a `Dense` after `Flatten`, of each flattened
@@ -219,7 +220,8 @@ class ChannelGraph:
 
     Attributes:
         layers: `{layer name: LayerChannels}` for every layer the walk
-            understands (the others pin their channels).
+            understands (the others pin their channels); a layer of a nested
+            model whose name repeats is `"<model>/<layer>"`.
         pinned: `{group: reason}` for every group that can never be
             removed, with the first reason found (such as `"model output"`).
 
@@ -261,7 +263,8 @@ class ChannelGraph:
         self._pins: dict[int, str] = {}
         self._ids: dict[int, np.ndarray] = {}
         self._layers: dict[int, LayerChannels] = {}
-        self._nesting = 0
+        self._owners: list[str] = []  # the nested models being walked
+        self._paths: dict[int, str] = {}
         self._walk(graph)
         for tensor in graph.outputs:
             self._pin(self._ids_of(tensor), "model output")
@@ -269,7 +272,11 @@ class ChannelGraph:
         for index, reason in self._pins.items():
             self.pinned.setdefault(self.find(index), reason)
         entries = list(self._layers.values())
-        labels = layer_labels([entry.layer for entry in entries])
+        names = [entry.layer.name for entry in entries]
+        labels = [
+            name if names.count(name) == 1 else self._paths[id(entry.layer)]
+            for name, entry in zip(names, entries, strict=True)
+        ]
         self.layers = {
             label: dataclasses.replace(
                 entry,
@@ -353,12 +360,14 @@ class ChannelGraph:
         if len(graph.inputs) != len(inputs) or len(outputs) != len(node.outputs):
             return False
         for tensor, ids in zip(graph.inputs, inputs, strict=True):
+            # Its `Input` keeps its shape in any rebuild: what enters stays.
+            self._pin(ids, f"input of nested model {model.name!r}")
             self._ids[id(tensor)] = ids
-        self._nesting += 1
+        self._owners.append(model.name)
         try:
             self._walk(graph)
         finally:
-            self._nesting -= 1
+            self._owners.pop()
         for outer, inner in zip(node.outputs, outputs, strict=True):
             self._ids[id(outer)] = self._ids_of(inner)
         return True
@@ -378,7 +387,8 @@ class ChannelGraph:
         if seen is None:
             # A nested model's tensors are not reachable from the model's
             # inputs: no `input` to read values at.
-            tensor = None if self._nesting else node.input_tensors[0]
+            tensor = None if self._owners else node.input_tensors[0]
+            self._paths[id(layer)] = "/".join([*self._owners, layer.name])
             self._layers[id(layer)] = LayerChannels(
                 layer, kind, inputs, outputs, tensor
             )
@@ -421,7 +431,9 @@ class ChannelGraph:
                 return None
             return [np.tile(ids, math.prod(spatial))]
         if isinstance(layer, _L.Reshape):
-            return [ids] if units == len(ids) else None
+            if units != len(ids) or len(layer.target_shape) < 1:
+                return None
+            return [self._record(node, "reshape", ids, ids)]
         if isinstance(layer, _CHANNELWISE):
             return [self._record(node, "channelwise", ids, ids)]
         if isinstance(layer, _L.Embedding):

@@ -492,8 +492,8 @@ def _clone_functional(
         clone = keras.models.clone_model(
             model, clone_function=clone_function, recursive=True
         )
-        for old, new in pairs:
-            if old.built and old.weights:
+        for old, new in pairs:  # operations of keras.ops have no weights
+            if getattr(old, "built", False) and old.weights:
                 new.set_weights([np.array(w) for w in old.get_weights()])
         if fill is not None:
             for old, new in replaced:

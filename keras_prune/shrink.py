@@ -79,11 +79,11 @@ def shrink(model: keras.Model, *, sample: Any = None) -> keras.Model:
     Args:
         model: A Sequential or Functional model, pruned (masked, from
             `make_prunable`) or stock with zeros in its kernels.
-        sample: Optional model inputs (an array, or a list for several
-            inputs) on which dead units' constants are read and the result is
-            checked. Defaults to `None`: 4 random examples (standard normal,
-            zeros for integer inputs), for which every input dimension but
-            the batch must be known.
+        sample: Optional model inputs, as the model takes them (an array; a
+            list or dict for several inputs), on which dead units' constants
+            are read and the result is checked. Defaults to `None`: 4 random
+            examples (standard normal, zeros for integer inputs), for which
+            every input dimension but the batch must be known.
 
     Returns:
         A new, uncompiled `keras.Model` of the same class and layer names
@@ -167,7 +167,7 @@ class _Plan:
         self,
         graph: ChannelGraph,
         values: dict[int, dict[str, np.ndarray]],
-        probe: list[np.ndarray] | None,
+        probe: Any,
     ):
         self.graph = graph
         self.values = values
@@ -203,7 +203,7 @@ class _Plan:
         self,
         dead: set[int],
         entries: list[LayerChannels],
-        probe: list[np.ndarray] | None,
+        probe: Any,
     ) -> set[int]:
         """Folds the constant outputs of dead groups into the biases of the
         layers that read them; returns the groups folded everywhere."""
@@ -287,6 +287,8 @@ class _Plan:
         """Whether a layer changes: loses entries, or gains a folded bias."""
         if id(entry.layer) in self.deltas:
             return True
+        if entry.kind == "reshape":
+            return not self._keep(entry.outputs).all()
         return any(
             not self._keep(ids).all()
             for axes in entry.weight_axes().values()
@@ -309,6 +311,8 @@ class _Plan:
             config["filters"] = units
         elif entry.kind == "embedding":
             config["output_dim"] = units
+        elif entry.kind == "reshape":
+            config["target_shape"] = [*list(config["target_shape"])[:-1], units]
         if id(entry.layer) in self.new_bias:
             if "use_bias" in config:
                 config["use_bias"] = True
@@ -359,54 +363,60 @@ def _constant_term(
     )
 
 
-def _probe_inputs(model: keras.Model, sample: Any) -> list[np.ndarray] | None:
-    """The inputs on which constants are read and the result checked: the
-    user's `sample`, or random ones where the input shapes are known."""
+def _inputs_structure(model: keras.Model) -> Any:
+    """The model's symbolic inputs in the structure it is called with (one
+    tensor, a list, or a dict by name)."""
+    graph = getattr(model, "_functional", None) or model
+    structure = getattr(graph, "_inputs_struct", None)
+    return graph.inputs if structure is None else structure
+
+
+def _probe_inputs(model: keras.Model, sample: Any) -> Any:
+    """The inputs on which constants are read and the result checked, in the
+    structure the model takes: the user's `sample`, or random ones where
+    the input shapes are known (`None` where they are not)."""
+    structure = _inputs_structure(model)
     if sample is not None:
-        arrays = sample if isinstance(sample, list | tuple) else [sample]
-        return [np.asarray(a) for a in arrays]
+        if keras.tree.is_nested(structure):
+            return keras.tree.map_structure(np.asarray, sample)
+        return np.asarray(sample)  # one input: a list is its batch
     rng = np.random.default_rng(0)
-    arrays = []
-    for tensor in model.inputs:
-        shape = tuple(tensor.shape[1:])
-        if any(d is None for d in shape):
-            return None
+    tensors = keras.tree.flatten(structure)
+    if any(d is None for tensor in tensors for d in tensor.shape[1:]):
+        return None
+
+    def random_like(tensor: Any) -> np.ndarray:
+        shape = (_PROBE_BATCH, *tensor.shape[1:])
         if "int" in str(tensor.dtype) or "bool" in str(tensor.dtype):
-            arrays.append(np.zeros((_PROBE_BATCH, *shape), dtype=str(tensor.dtype)))
-        else:
-            arrays.append(rng.standard_normal((_PROBE_BATCH, *shape)).astype("float32"))
-    return arrays
+            return np.zeros(shape, dtype=str(tensor.dtype))
+        return rng.standard_normal(shape).astype("float32")
+
+    return keras.tree.map_structure(random_like, structure)
 
 
-def _run_to(
-    model: keras.Model, tensors: list[Any], probe: list[np.ndarray]
-) -> list[np.ndarray]:
+def _run_to(model: keras.Model, tensors: list[Any], probe: Any) -> list[np.ndarray]:
     """The values of `tensors` (symbolic tensors of `model`'s graph) on the
     probe inputs."""
     if not tensors:
         return []
-    sub = keras.Model(model.inputs, tensors)
+    sub = keras.Model(_inputs_structure(model), tensors)
     outputs = sub(probe, training=False)
     outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
     return [keras.ops.convert_to_numpy(o) for o in outputs]
 
 
-def _check_same(
-    before: keras.Model, after: keras.Model, probe: list[np.ndarray]
-) -> None:
+def _check_same(before: keras.Model, after: keras.Model, probe: Any) -> None:
     """Raises if `after` does not predict as `before` on the probe."""
-    single = len(probe) == 1 and not isinstance(
-        getattr(before, "_inputs_struct", None), list | tuple
-    )
-    inputs = probe[0] if single else probe
-    expected = keras.tree.flatten(before(inputs, training=False))
-    received = keras.tree.flatten(after(inputs, training=False))
+    expected = keras.tree.flatten(before(probe, training=False))
+    received = keras.tree.flatten(after(probe, training=False))
     for a, b in zip(expected, received, strict=True):
         a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
         if not np.isfinite(a).all():
             raise ValueError(
-                "Expected the model's outputs to be finite on `sample`. Received "
-                f"{int(np.sum(~np.isfinite(a)))} NaN or infinite values."
+                "Expected the model's outputs to be finite on the inputs shrink "
+                "checks it on (`sample`, or random inputs). Received "
+                f"{int(np.sum(~np.isfinite(a)))} NaN or infinite values: are "
+                "its weights finite?"
             )
         scale = max(float(np.max(np.abs(a))), 1e-12)
         error = float(np.max(np.abs(a - b))) / scale if a.size else 0.0

@@ -10,6 +10,7 @@ its depthwise kernels.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -17,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from keras_prune.channels import ChannelGraph, nonzero_groups
-from keras_prune.masking import MaskedLayer
+from keras_prune.masking import MaskedLayer, masked_layers
 from keras_prune.masks import (
     check_finite,
     global_magnitude_masks,
@@ -28,6 +29,64 @@ from keras_prune.masks import (
 )
 
 UnitSet = tuple[list[str], np.ndarray]
+
+
+def channel_graph(model: keras.Model, what: str) -> ChannelGraph:
+    """`ChannelGraph(model)`, its error prefixed with what needed it."""
+    try:
+        return ChannelGraph(model)
+    except ValueError as error:
+        raise ValueError(
+            f"{what} prunes whole units, found in the layer graph: {error}"
+        ) from error
+
+
+def masked_sets(graph: ChannelGraph) -> list[UnitSet]:
+    """The unit sets whose layers all have masks (the others cannot be
+    pruned; `kept_whole` names them)."""
+    return [
+        (names, groups)
+        for names, groups in graph.unit_sets()
+        if all(isinstance(graph.layers[n].layer, MaskedLayer) for n in names)
+    ]
+
+
+def kept_whole(graph: ChannelGraph, model: keras.Model) -> str | None:
+    """A sentence naming the masked layers that keep all their units, and
+    why, and the layers without masks that unit pruning would need; `None`
+    when there are none."""
+    ranked = {
+        id(graph.layers[name].layer)
+        for names, _ in masked_sets(graph)
+        for name in names
+    }
+    by_layer = {id(entry.layer): entry for entry in graph.layers.values()}
+    kept = []
+    for layer in masked_layers(model):
+        if id(layer) in ranked:
+            continue
+        entry = by_layer.get(id(layer))
+        made = None if entry is None else entry.makes()
+        reason = (
+            graph.pinned.get(int(made[2][0]), "coupled to a layer without masks")
+            if made is not None and len(made[2])
+            else "not a layer whose units the graph follows"
+        )
+        kept.append(f"{layer.name!r} ({reason})")
+    unmasked = sorted(
+        entry.layer.name
+        for entry in graph.layers.values()
+        if (entry.makes() or entry.reads()) and not isinstance(entry.layer, MaskedLayer)
+    )
+    if not kept and not unmasked:
+        return None
+    text = "keeps every unit of " + ("; ".join(kept) or "no masked layer")
+    if unmasked:
+        text += (
+            ". Layers without masks cannot lose units or the rows that read "
+            f"pruned ones: {unmasked}"
+        )
+    return text + "."
 
 
 def select_units(
@@ -148,8 +207,12 @@ def prune_units(
         The number of units (channel groups) pruned by this call.
 
     Raises:
-        ValueError: On a bad argument, a subclassed model, or non-finite
-            weights.
+        ValueError: On a bad argument, a model without masks, a subclassed
+            model, or non-finite weights.
+
+    Warns:
+        UserWarning: Naming the masked layers that keep all their units
+            (output layers, channels the graph cannot follow) and why.
 
     Example:
 
@@ -173,8 +236,17 @@ def prune_units(
         raise ValueError(
             f"Expected `scope` to be 'layer' or 'global'. Received: scope={scope!r}"
         )
-    graph = ChannelGraph(model)
-    sets = graph.unit_sets()
+    if not masked_layers(model):
+        raise ValueError(
+            "`prune_units` prunes through masks: convert the model with "
+            "keras_prune.make_prunable(model) first. Received: model "
+            f"{model.name!r} without masked layers"
+        )
+    graph = channel_graph(model, "prune_units")
+    note = kept_whole(graph, model)
+    if note:
+        warnings.warn(f"prune_units {note}", stacklevel=2)
+    sets = masked_sets(graph)
     if not sets:
         return 0
     pruned, _ = select_units(graph, sets, [sparsity] * len(sets), norm, scope)

@@ -446,3 +446,82 @@ def test_a_nested_backbone_is_walked_through_and_shrunk():
     # 6*6*8 outputs of 3*3*2 multiply-adds, then half the filters.
     assert summary["inner_conv"].flops_before == 2 * 6 * 6 * 8 * 18
     assert summary["inner_conv"].flops_after == summary["inner_conv"].flops_before // 2
+
+
+# --- found by a newcomer's trial -----------------------------------------------
+
+
+def test_a_nested_model_fed_by_a_layer_keeps_its_input_and_shrinks_inside():
+    # The inner model's names repeat the outer ones: both stay distinct.
+    inner = keras.Sequential(
+        [
+            keras.Input((8,)),
+            L.Dense(6, activation="relu", name="h"),
+            L.Dense(4, name="out"),
+        ],
+        name="inner",
+    )
+    inputs = keras.Input((6,))
+    hidden = L.Dense(8, activation="relu", name="h")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="out")(inner(hidden)))
+    masked = kp.make_prunable(model)
+    graph = ChannelGraph(masked)
+    assert sorted(graph.layers) == ["h", "inner/h", "inner/out", "out"]
+    assert "input of nested model 'inner'" in graph.pinned[graph.layers["h"].outputs[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kp.prune_units(masked, 0.5)
+    small = shrink_quietly(masked)
+    assert small.get_layer("h").units == 8  # what enters the nested model stays
+    assert small.get_layer("inner").get_layer("h").units == 3
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    assert max_difference(masked, small, x) <= 1e-5
+
+
+def test_keras_ops_in_the_graph_are_kept_and_copied():
+    inputs = keras.Input((6,))
+    hidden = keras.ops.relu(L.Dense(8, name="h")(inputs)) * 2.0
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.Dense(5, name="mid")(hidden)))
+    model.get_layer("out").kernel.assign(np.zeros((5, 2)) + [[1.0], [0], [1], [0], [0]])
+    small = shrink_quietly(model)
+    assert small.get_layer("mid").units == 2 and small.get_layer("h").units == 8
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    assert max_difference(model, small, x) <= 1e-5
+
+
+def test_a_reshape_that_keeps_the_channel_axis_follows_the_channels():
+    inputs = keras.Input((4, 4, 3))
+    x = L.Conv2D(8, 1, name="conv")(inputs)
+    x = L.Reshape((16, 8), name="reshape")(x)
+    model = keras.Model(inputs, L.Dense(5, name="out")(x))
+    kernel = to_numpy(model.get_layer("out").kernel)
+    kernel[:2] = 0  # channels 0 and 1 feed nothing
+    model.get_layer("out").kernel.assign(kernel)
+    small = shrink_quietly(model)
+    assert small.get_layer("conv").filters == 6
+    assert tuple(small.get_layer("reshape").target_shape) == (16, 6)
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype("float32")
+    assert max_difference(model, small, x) <= 1e-5
+
+
+def test_dict_inputs_take_a_dict_sample():
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    x = L.Concatenate()([L.Dense(4, name="da")(a), L.Dense(4, name="db")(b)])
+    model = keras.Model({"a": a, "b": b}, L.Dense(1, name="out")(x))
+    model.get_layer("out").kernel.assign(np.array([[1.0], [0], [1], [0]] * 2))
+    sample = {"a": np.ones((2, 3), "float32"), "b": np.ones((2, 2), "float32")}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The structure of")  # Keras's
+        small = kp.shrink(model, sample=sample)
+    assert small.get_layer("da").units == 2 == small.get_layer("db").units
+
+
+def test_prune_units_needs_masks_and_names_what_it_keeps():
+    model = keras.Sequential(
+        [keras.Input((4,)), L.Dense(6, name="hidden"), L.Dense(2, name="out")]
+    )
+    with pytest.raises(ValueError, match=r"make_prunable\(model\) first"):
+        kp.prune_units(model, 0.5)
+    masked = kp.make_prunable(model)
+    with pytest.warns(UserWarning, match=r"keeps every unit of 'out' \(model output\)"):
+        assert kp.prune_units(masked, 0.5) == 3
