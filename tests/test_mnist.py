@@ -165,7 +165,9 @@ def test_stopped_run_leaves_a_report_and_resumes_to_the_same_table(quick_run, tm
     out = tmp_path / "run"
     process = keras_prune_mnist("--data", MNIST, "--out", str(out))
     csv_file = out / "rounds.csv"
-    while not csv_file.exists() or len(read_rows(out)) < 6:  # dense, rounds 1-5
+    # Stop early: the last rounds and the export take only seconds in quick
+    # mode, and a loaded machine may poll late (CI once saw the run finish).
+    while not csv_file.exists() or len(read_rows(out)) < 4:  # dense, rounds 1-3
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)  # Ctrl-C
@@ -173,7 +175,7 @@ def test_stopped_run_leaves_a_report_and_resumes_to_the_same_table(quick_run, tm
     assert status == 130, stderr
     assert "rerun with --resume to continue" in stderr
     finished = read_rows(out)
-    assert 6 <= len(finished) < 9
+    assert 4 <= len(finished) < 9
     report = (out / "report.md").read_text()
     last = len(finished) - 1
     assert f"**Stopped after round {last}, before round {last + 1} of 8**" in report
