@@ -131,6 +131,18 @@ class LayerChannels:
             `None` inside a nested model.
         calls: How many times the model calls the layer (shared layers:
             more than one).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4, 4, 2)),
+    ...     keras.layers.Conv2D(3, 1, name="conv"), keras.layers.Flatten(),
+    ...     keras.layers.Dense(1, name="out")])
+    >>> graph = ChannelGraph(model)
+    >>> conv, out = graph.layers["conv"], graph.layers["out"]
+    >>> conv.kind, len(conv.outputs), out.inputs.shape  # 16 positions x 3
+    ('conv', 3, (48,))
+    >>> bool((out.inputs[:3] == conv.outputs).all())  # position 0's channels
+    True
     """
 
     layer: Any
@@ -536,6 +548,17 @@ class ChannelGraph:
             `{layer name: {weight name: mask}}` for the prunable weights
             (kernels, embeddings) of every layer touched, masks of the
             weights' shapes holding 0 where a weight belongs to a group.
+
+        Example:
+
+        >>> model = keras.Sequential([keras.Input((2,)),
+        ...     keras.layers.Dense(3, name="hidden"),
+        ...     keras.layers.Dense(1, name="out")])
+        >>> graph = ChannelGraph(model)
+        >>> unit_1 = graph.layers["hidden"].outputs[1]
+        >>> masks = graph.masks_without([unit_1])
+        >>> masks["hidden"]["kernel"].tolist(), masks["out"]["kernel"].ravel().tolist()
+        ([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]], [1.0, 0.0, 1.0])
         """
         removed = np.asarray(sorted(set(np.asarray(groups).tolist())), dtype=np.int64)
         result: dict[str, dict[str, np.ndarray]] = {}

@@ -28,6 +28,8 @@ from keras_prune.masks import (
     validate_sparsity,
 )
 
+__all__ = ["prune_units"]  # the rest serves the callback
+
 UnitSet = tuple[list[str], np.ndarray]
 
 
