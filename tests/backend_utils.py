@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,13 @@ BACKEND = keras.backend.backend()
 
 tensorflow_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="needs the TensorFlow backend (sparse kernels)"
+)
+
+# Slow tests of code that runs no sparse kernel: CI's second TensorFlow run,
+# with the native kernel off, has nothing new to find in them.
+same_without_native_kernel = pytest.mark.skipif(
+    os.environ.get("KERAS_PRUNE_NATIVE") == "0",
+    reason="runs no sparse kernel: the run with the native kernel covers it",
 )
 
 

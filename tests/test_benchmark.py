@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+from tests.backend_utils import same_without_native_kernel
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
@@ -41,6 +43,7 @@ def test_deploy_benchmark_runs_and_prints_every_format():
     assert all(name in out for name in formats), out
 
 
+@same_without_native_kernel
 def test_structured_benchmark_prints_both_fractions_for_mobilenetv2():
     out = quick_run("structured.py", 1)
     assert out.startswith("# Structured pruning benchmark")

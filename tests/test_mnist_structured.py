@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from keras_prune.cli import main
+from tests.backend_utils import same_without_native_kernel
 from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
+
+pytestmark = same_without_native_kernel
 
 OPTIONS = ("--quick", "--train-samples", "3000", "--test-samples", "1000")
 
