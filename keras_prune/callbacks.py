@@ -235,6 +235,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
         self.norm = norm
         self._channels: ChannelGraph | None = None
+        self._unit_sets: list[tuple[list[str], np.ndarray]] = []
         self.begin_epoch = validate_step(begin_epoch, "begin_epoch")
         if end_epoch is not None:
             end_epoch = validate_end(begin_epoch, end_epoch, "end_epoch")
@@ -451,29 +452,25 @@ class IterativePruningCallback(keras.callbacks.Callback):
             sync()
 
     def _apply(
-        self,
-        layer: Any,
-        new_masks: dict[str, np.ndarray],
-        threshold: float | None = None,
+        self, layer: Any, new_masks: dict[str, np.ndarray], threshold: float | None
     ) -> None:
-        """Records the cut's threshold (by default the smallest magnitude
-        kept), sets masks, zeroes the pruned weights and their optimizer
-        state."""
-        self._thresholds[id(layer)] = (
-            threshold
-            if threshold is not None
-            else min(
-                _threshold(
-                    ops.convert_to_numpy(layer.prunable_weights[key]),
-                    mask,
-                    self.block,
-                )
-                for key, mask in new_masks.items()
-            )
-        )
+        """Records the cut's threshold (`None`: none to record), sets masks,
+        zeroes the pruned weights and their optimizer state."""
+        if threshold is not None:
+            self._thresholds[id(layer)] = threshold
         layer.prune_to(new_masks, optimizer=getattr(self.model, "optimizer", None))
         for key, mask in new_masks.items():
             self._cut_masks[(id(layer), key)] = mask != 0
+
+    def _smallest_kept(self, layer: Any, new_masks: dict[str, np.ndarray]) -> float:
+        """The smallest magnitude (of a weight, or a block's mean) that the
+        new masks keep in `layer`: the cut's threshold."""
+        return min(
+            _threshold(
+                ops.convert_to_numpy(layer.prunable_weights[key]), mask, self.block
+            )
+            for key, mask in new_masks.items()
+        )
 
     def _warn_if_full(self, layer: Any, key: str, sparsity: float, size: int) -> None:
         if (
@@ -515,26 +512,24 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 self._warn_if_full(layer, key, target, math.prod(mask.shape))
             changed = _magnitude_cut(layer, target, self.block)
             if changed:
-                self._apply(layer, changed)
+                self._apply(layer, changed, self._smallest_kept(layer, changed))
 
     def _cut_global(self, sparsity: float) -> None:
         entries = list(iter_masked_weights(self.model))
         labels = {id(layer): label for label, layer in self._labelled()}
-
-        def bound(value: Any, layer: Any) -> float | None:
-            if isinstance(value, dict):
-                return value.get(labels.get(id(layer)))
-            return value
-
-        mins = [bound(self.min_kept, layer) for layer, *_ in entries]
-        maxs = [bound(self.max_kept, layer) for layer, *_ in entries]
         old = [ops.convert_to_numpy(mask) for *_, mask in entries]
         new = global_magnitude_masks(
             [_finite(layer, key, variable) for layer, key, variable, _ in entries],
             old,
             sparsity,
-            min_kept=[0.0 if v is None else v for v in mins],
-            max_kept=[1.0 if v is None else v for v in maxs],
+            min_kept=[
+                self._bound(self.min_kept, labels.get(id(layer)), 0.0)
+                for layer, *_ in entries
+            ],
+            max_kept=[
+                self._bound(self.max_kept, labels.get(id(layer)), 1.0)
+                for layer, *_ in entries
+            ],
             block=self.block,
         )
         self._warn_if_bounds_win(sparsity, new)
@@ -552,7 +547,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             if left < np.count_nonzero(before):
                 by_layer.setdefault(id(layer), (layer, {}))[1][key] = after
         for layer, changed in by_layer.values():
-            self._apply(layer, changed)
+            self._apply(layer, changed, self._smallest_kept(layer, changed))
 
     # --- whole units ------------------------------------------------------
     def _start_units(self) -> None:
@@ -562,6 +557,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         if self._channels is not None and self._channels.model is self.model:
             return
         self._channels = channel_graph(self.model, 'granularity="unit"')
+        self._unit_sets = masked_sets(self._channels)
         note = kept_whole(self._channels, self.model)
         if note:
             warnings.warn(f'granularity="unit" {note}', stacklevel=3)
@@ -581,7 +577,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         per set of coupled layers, or globally."""
         graph = self._channels
         assert graph is not None
-        sets = masked_sets(graph)
+        sets = self._unit_sets
         if self.scope == "global":
             target = self.layer_schedules[None](position)
             if target <= self._applied.get(None, -1.0):
@@ -600,33 +596,31 @@ class IterativePruningCallback(keras.callbacks.Callback):
             return
         self._sync_backend_state()
         sets = [(names, groups) for names, groups, _ in due]
-        floors, caps = self._unit_bounds([names for names, _ in sets])
         pruned, thresholds = select_units(
             graph,
             sets,
             [target for _, _, target in due],
             self.norm,
             self.scope,
-            min_kept=floors,
-            max_kept=caps,
+            # A set keeps the largest floor and the smallest cap of its layers.
+            min_kept=[
+                max(self._bound(self.min_kept, n, 0.0) for n in ns) for ns, _ in sets
+            ],
+            max_kept=[
+                min(self._bound(self.max_kept, n, 1.0) for n in ns) for ns, _ in sets
+            ],
         )
         for layer, changed in masks_to_prune(graph, pruned):
-            self._apply(layer, changed, thresholds.get(layer.name, 0.0))
-            if layer.name not in thresholds:  # only lost rows: no units ranked
-                self._thresholds.pop(id(layer), None)
+            # A layer that only lost rows reading pruned units has no score.
+            self._apply(layer, changed, thresholds.get(id(layer)))
 
-    def _unit_bounds(self, sets: list[list[str]]) -> tuple[list[float], list[float]]:
-        """Per unit set, the largest `min_kept` and the smallest `max_kept`
-        of its layers."""
-
-        def bound(value: Any, name: str, default: float) -> float:
-            if isinstance(value, dict):
-                value = value.get(name)
-            return default if value is None else float(value)
-
-        floors = [max(bound(self.min_kept, n, 0.0) for n in names) for names in sets]
-        caps = [min(bound(self.max_kept, n, 1.0) for n in names) for names in sets]
-        return floors, caps
+    @staticmethod
+    def _bound(value: Any, label: str | None, default: float) -> float:
+        """A layer's `min_kept` or `max_kept`: the number given for every
+        layer, its entry in a dict by label, or `default`."""
+        if isinstance(value, dict):
+            value = value.get(label)
+        return default if value is None else float(value)
 
     def _warn_if_bounds_win(self, sparsity: float, masks: list[np.ndarray]) -> None:
         """Says once when `min_kept`/`max_kept` (or weights pruned before)

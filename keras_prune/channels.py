@@ -110,6 +110,16 @@ _DEPTHWISE: tuple[type, ...] = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 _SEPARABLE: tuple[type, ...] = (_L.SeparableConv1D, _L.SeparableConv2D)
 # Activations that mix the units of their input.
 _MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+# The weight that makes each kind's units; for the mixing kinds its first
+# axis in `LayerChannels.weight_axes` reads the input, its last makes units.
+_KERNELS = {
+    "dense": "kernel",
+    "conv": "kernel",
+    "conv_transpose": "kernel",
+    "separable": "pointwise_kernel",
+    "embedding": "embeddings",
+}
+_MIXING = ("dense", "conv", "conv_transpose", "separable")
 
 
 @dataclasses.dataclass
@@ -152,35 +162,27 @@ class LayerChannels:
     input: Any = None
     calls: int = 1
 
-    @property
-    def mixes(self) -> bool:
-        """Whether the layer's kernel mixes input channels into each output
-        (dense, convolutions, the pointwise part of separable ones): the
-        rows of such a kernel are the *outgoing weights* of the groups it
-        reads."""
-        return self.kind in ("dense", "conv", "conv_transpose", "separable")
-
     def reads(self) -> tuple[str, int, np.ndarray] | None:
-        """The kernel rows that read the input's groups, for a mixing layer:
-        `(weight name, axis, group of each row)`; `None` otherwise."""
-        if self.kind == "separable":
-            inner = np.repeat(self.inputs, self.layer.depth_multiplier)
-            return "pointwise_kernel", -2, inner
-        axis = {"dense": 0, "conv": -2, "conv_transpose": -1}.get(self.kind)
-        return None if axis is None else ("kernel", axis, self.inputs)
+        """The kernel rows that read the input's groups, for a layer whose
+        kernel mixes its input channels into each output (dense,
+        convolutions, the pointwise part of separable ones): `(weight name,
+        axis, group of each row)`; `None` otherwise. These rows are the
+        *outgoing weights* of the groups they read."""
+        if self.kind not in _MIXING:
+            return None
+        name = _KERNELS[self.kind]
+        axis, ids = self.weight_axes()[name][0]
+        return name, axis, ids
 
     def makes(self) -> tuple[str, int, np.ndarray] | None:
         """The weights that make the layer's units or filters: `(weight
         name, axis, group of each unit)`; `None` for a layer that only
         carries its input's groups."""
-        found = {
-            "dense": ("kernel", -1),
-            "conv": ("kernel", -1),
-            "conv_transpose": ("kernel", -2),
-            "separable": ("pointwise_kernel", -1),
-            "embedding": ("embeddings", -1),
-        }.get(self.kind)
-        return None if found is None else (found[0], found[1], self.outputs)
+        name = _KERNELS.get(self.kind)
+        if name is None:
+            return None
+        axis, ids = self.weight_axes()[name][-1]
+        return name, axis, ids
 
     def weight_axes(self) -> dict[str, list[tuple[int, np.ndarray]]]:
         """`{weight name: [(axis, groups along that axis), ...]}`: how each
@@ -206,7 +208,7 @@ class LayerChannels:
             return {"embeddings": [(-1, outputs)]}
         # Channelwise: every weight whose last axis spans the channels.
         return {
-            _weight_name(v): [(-1, outputs)]
+            weight_name(v): [(-1, outputs)]
             for v in self.layer.weights
             if v.shape and v.shape[-1] == len(outputs)
         }
@@ -220,7 +222,9 @@ def nonzero_groups(array: np.ndarray, axis: int, ids: np.ndarray) -> set[int]:
     return set(ids[nonzero].tolist())
 
 
-def _weight_name(variable: Any) -> str:
+def weight_name(variable: Any) -> str:
+    """A layer weight's own name (`"kernel"`, `"moving_mean"`), the last
+    part of its path."""
     return str(variable.path).rsplit("/", 1)[-1]
 
 
@@ -473,14 +477,6 @@ class ChannelGraph:
         return [outputs]
 
     # --- queries ---------------------------------------------------------
-    def groups(self) -> list[int]:
-        """Every group that some layer makes or reads, sorted."""
-        found: set[int] = set()
-        for entry in self.layers.values():
-            found.update(entry.outputs.tolist())
-            found.update(entry.inputs.tolist())
-        return sorted(found)
-
     def removable_groups(self) -> list[int]:
         """The groups that are not pinned and that some layer makes as its
         units or filters (a group only carried, never made, has no weights
@@ -584,7 +580,7 @@ _PRUNABLE_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings
 
 def _variable(layer: Any, name: str) -> Any:
     for variable in layer.weights:
-        if _weight_name(variable) == name:
+        if weight_name(variable) == name:
             return variable
     raise KeyError(f"{layer.name!r} has no weight named {name!r}")
 

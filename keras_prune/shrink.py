@@ -36,7 +36,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.channels import ChannelGraph, LayerChannels, nonzero_groups
+from keras_prune.channels import (
+    ChannelGraph,
+    LayerChannels,
+    nonzero_groups,
+    weight_name,
+)
 from keras_prune.convert import _check_model, _clone_functional, strip_pruning
 from keras_prune.masking import is_graph_model
 
@@ -124,7 +129,7 @@ def shrink(model: keras.Model, *, sample: Any = None) -> keras.Model:
     graph = ChannelGraph(stripped)
     values = {
         id(entry.layer): {
-            _name(v): keras.ops.convert_to_numpy(v) for v in entry.layer.weights
+            weight_name(v): keras.ops.convert_to_numpy(v) for v in entry.layer.weights
         }
         for entry in graph.layers.values()
     }
@@ -154,10 +159,6 @@ def shrink(model: keras.Model, *, sample: Any = None) -> keras.Model:
     if probe is not None:
         _check_same(stripped, shrunk, probe)
     return shrunk
-
-
-def _name(variable: Any) -> str:
-    return str(variable.path).rsplit("/", 1)[-1]
 
 
 class _Plan:
@@ -284,15 +285,13 @@ class _Plan:
         return ~np.isin(ids, self.removed)
 
     def touches(self, entry: LayerChannels) -> bool:
-        """Whether a layer changes: loses entries, or gains a folded bias."""
-        if id(entry.layer) in self.deltas:
-            return True
-        if entry.kind == "reshape":
-            return not self._keep(entry.outputs).all()
-        return any(
-            not self._keep(ids).all()
-            for axes in entry.weight_axes().values()
-            for _, ids in axes
+        """Whether a layer changes: loses input channels or units (and so
+        entries of its weights, or its `target_shape`), or gains a folded
+        bias."""
+        return (
+            id(entry.layer) in self.deltas
+            or not self._keep(entry.inputs).all()
+            or not self._keep(entry.outputs).all()
         )
 
     def config(self, entry: LayerChannels) -> dict[str, Any]:
@@ -325,7 +324,7 @@ class _Plan:
         entries, biases plus the folded constants."""
         axes = entry.weight_axes()
         for variable in new.weights:
-            name = _name(variable)
+            name = weight_name(variable)
             if name == "bias" and id(entry.layer) in self.deltas:
                 delta = self.deltas[id(entry.layer)]
                 value = old[name] + delta if name in old else delta

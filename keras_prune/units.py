@@ -99,7 +99,7 @@ def select_units(
     scope: str = "layer",
     min_kept: list[float] | None = None,
     max_kept: list[float] | None = None,
-) -> tuple[list[int], dict[str, float]]:
+) -> tuple[list[int], dict[int, float]]:
     """Ranks the units of `sets` by `norm` and picks those to prune.
 
     Only live units are ranked (a pruned unit stays pruned); a set never
@@ -117,8 +117,8 @@ def select_units(
             fraction of its units kept. Default to `None`.
 
     Returns:
-        `(live groups to prune now, {layer name: smallest score kept in
-        its set})`.
+        `(live groups to prune now, {id(layer): smallest score kept in its
+        set})`.
     """
     scores, live = [], []
     for names, groups in sets:
@@ -147,11 +147,11 @@ def select_units(
             for s, alive, target in zip(scores, live, targets, strict=True)
         ]
     pruned: list[int] = []
-    thresholds: dict[str, float] = {}
+    thresholds: dict[int, float] = {}
     for (names, groups), k, s, was in zip(sets, kept, scores, live, strict=True):
         pruned.extend(groups[(k == 0) & (was != 0)].tolist())
         smallest = float(s[k != 0].min()) if (k != 0).any() else 0.0
-        thresholds.update(dict.fromkeys(names, smallest))
+        thresholds.update((id(graph.layers[n].layer), smallest) for n in names)
     return pruned, thresholds
 
 
