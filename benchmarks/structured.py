@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import warnings
-from functools import partial
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -35,8 +34,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 import keras_prune as kp  # noqa: E402
-from keras_prune.experiments.mnist import seed_convnet  # noqa: E402
-from keras_prune.experiments.timing import time_interleaved  # noqa: E402
+from keras_prune.experiments.mnist import seed_convnet, time_test_set  # noqa: E402
 
 FRACTIONS = (0.25, 0.5)
 BATCHES = (1, 32)
@@ -63,10 +61,6 @@ def networks(quick):
     return found
 
 
-def _call(function, images):
-    return function(images).numpy()
-
-
 def measure(build, shape, fraction, repeats):
     """One row per batch size: times of the original and the shrunk model,
     and what shrink removed."""
@@ -86,18 +80,10 @@ def measure(build, shape, fraction, repeats):
     )
     rows = []
     for batch in BATCHES:
-        images = tf.constant(
-            np.random.default_rng(1).normal(size=(batch, *shape)).astype("float32")
+        images = np.random.default_rng(1).normal(size=(batch, *shape)).astype("float32")
+        times = time_test_set(
+            {"original": original, "shrunk": shrunk}, images, repeats=repeats
         )
-        candidates = {
-            name: partial(
-                _call,
-                tf.function(partial(model, training=False), autograph=False),
-                images,
-            )
-            for name, model in (("original", original), ("shrunk", shrunk))
-        }
-        times = time_interleaved(candidates, repeats=repeats, warmup=2)
         rows.append((batch, times["original"], times["shrunk"]))
     return removed, summary, difference, rows
 

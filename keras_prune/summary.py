@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -63,10 +65,7 @@ class SparsitySummary:
         return 1.0 - self.nonzeros / self.size if self.size else 0.0
 
     def __getitem__(self, name: str) -> LayerSparsity:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
+        return _named(self.rows, name)
 
     def __str__(self) -> str:
         header = ("layer", "type", "kernel shape", "compute", "size", "nonzeros",
@@ -85,19 +84,7 @@ class SparsitySummary:
         ]
         total = ("total", "", "", "", f"{self.size:,}", f"{self.nonzeros:,}",
                  f"{self.sparsity:.2%}")  # fmt: skip
-        widths = [
-            max(map(len, column)) for column in zip(header, *body, total, strict=True)
-        ]
-
-        def fmt(row: tuple[str, ...]) -> str:
-            cells = [
-                cell.ljust(width) if i < 4 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-            ]
-            return "  ".join(cells).rstrip()
-
-        rule = "  ".join("-" * width for width in widths)
-        return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
+        return _table(header, body, total, text_columns=4)
 
 
 def sparsity_summary(model: keras.Model) -> SparsitySummary:
@@ -227,10 +214,7 @@ class ShrinkSummary:
         return sum(row.flops_after for row in self.rows)
 
     def __getitem__(self, name: str) -> LayerShrink:
-        for row in self.rows:
-            if row.name == name:
-                return row
-        raise KeyError(name)
+        return _named(self.rows, name)
 
     def __str__(self) -> str:
         header = ("layer", "type", "units", "params", "FLOPs")
@@ -259,21 +243,40 @@ class ShrinkSummary:
             f"{self.flops_before:,} -> {self.flops_after:,} "
             f"({_fraction(self.flops_after, self.flops_before)})",
         )
-        widths = [
-            max(map(len, column)) for column in zip(header, *body, total, strict=True)
-        ]
-
-        def fmt(row: tuple[str, ...]) -> str:
-            cells = [
-                cell.ljust(width) if i < 2 else cell.rjust(width)
-                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-            ]
-            return "  ".join(cells).rstrip()
-
-        rule = "  ".join("-" * width for width in widths)
-        lines = [fmt(header), rule, *map(fmt, body), rule, fmt(total)]
         unchanged = len(self.rows) - len(changed)
-        return "\n".join(lines + [f"({unchanged} layers with weights unchanged)"])
+        table = _table(header, body, total, text_columns=2)
+        return f"{table}\n({unchanged} layers with weights unchanged)"
+
+
+def _named(rows: Sequence[Any], name: str) -> Any:
+    """The row of the layer `name`; `KeyError` if none."""
+    for row in rows:
+        if row.name == name:
+            return row
+    raise KeyError(name)
+
+
+def _table(
+    header: tuple[str, ...],
+    body: Sequence[tuple[str, ...]],
+    total: tuple[str, ...],
+    text_columns: int,
+) -> str:
+    """A plain-text table: the header, the rows and the total between
+    rules; the first `text_columns` left-aligned, numbers right-aligned."""
+    widths = [
+        max(map(len, column)) for column in zip(header, *body, total, strict=True)
+    ]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [
+            cell.ljust(width) if i < text_columns else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(total)])
 
 
 def _fraction(part: int, whole: int) -> str:

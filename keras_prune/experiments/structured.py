@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import warnings
 from functools import partial
 from typing import Any
@@ -207,14 +208,13 @@ def run(
     dense = trained_dense(config, data, folder, verbose, _dense_row)
     masked, _ = prune(config, dense, data, verbose, folder)
     shrunk = shrink_quietly(masked)
-    save_without_optimizer(shrunk, os.path.join(folder.path, "shrunk.keras"))
-    sizes = {
-        "dense": save_without_optimizer(
-            dense, os.path.join(folder.path, "dense.keras")
-        ),
-        "shrunk": os.path.getsize(os.path.join(folder.path, "shrunk.keras")),
-    }
-    os.remove(os.path.join(folder.path, "dense.keras"))
+    with tempfile.TemporaryDirectory() as scratch:
+        sizes = {
+            "dense": save_without_optimizer(dense, os.path.join(scratch, "d.keras")),
+            "shrunk": save_without_optimizer(
+                shrunk, os.path.join(folder.path, "shrunk.keras")
+            ),
+        }
     repeats = 3 if config.quick else 15
     times = time_test_set({"dense": dense, "shrunk": shrunk}, data.x_test, repeats)
     predicts = time_interleaved(
