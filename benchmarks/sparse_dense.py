@@ -10,13 +10,22 @@ repetitions:
    LeNet-300 layer (784x300) and an output layer (1024x10), at several
    densities and batch sizes. Two measures:
    - op: the in-graph cost of one application, (chain of K - chain of 1) /
-     (K - 1), inside one compiled function; this cancels the fixed cost of
-     calling a tf.function.
+     (K - 1), inside one compiled function (K = 50 for up to 4 rows, else
+     10), less the chain's own links (an identity and a slice an
+     application, timed alone); this cancels the fixed cost of calling a
+     tf.function. Each timing
+     follows an untimed call of the same candidate, so that it is timed in
+     its steady state, not in the wake of the previous candidate.
    - call: one call of a compiled one-layer model, as a Python user makes it
      (the mean of CALLS back-to-back calls, as in a serving loop).
    Ratios are Dense time / sparse time (above 1: the sparse layer is faster).
-   scipy's CSR product and the FLOP bound (1 / density) are given for scale.
-2. The seed convnet on the 10,000 MNIST test images, dense vs exported at
+   scipy's CSR product (single-threaded; a mat-vec for one row; Python call
+   included), timed as the op is ((K calls - 1 call) / (K - 1)), and the FLOP
+   bound (1 / density) are given for scale.
+2. Small batches (up to 4 rows): the native kernel's op with each of its
+   loads forced (hardware gathers, scalar loads) next to the plan's choice
+   and scipy's CSR product, from the same runs as table 1.
+3. The seed convnet on the 10,000 MNIST test images, dense vs exported at
    99.77% Dense-layer sparsity: one compiled call, `predict`, and a served
    SavedModel; and the Dense head alone (what pruning can speed up).
 
@@ -49,6 +58,9 @@ SHAPES = ((3136, 1024), (784, 300), (1024, 10))
 DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0023)
 BATCHES = (1, 32, 256)
 CHAIN = 10
+# Small batches take microseconds a layer, below the jitter of a
+# tf.function call (tens of microseconds): a longer chain averages it out.
+SMALL_BATCH_CHAIN = 50
 # A call is timed as the mean of this many back-to-back calls, as in a
 # serving loop: a lone call right after another candidate's work starts on
 # caches that work left cold (about 0.1 ms more for a small sparse model).
@@ -105,37 +117,87 @@ def measure_layers(shapes, densities, batches, repeats):
                 candidates[path] = kp.export_sparse(masked, compute=path)
             kernel = keras.ops.convert_to_numpy(masked.layers[0].masked_kernel)
             for batch in batches:
+                chain = SMALL_BATCH_CHAIN if batch <= native.SMALL_BATCH else CHAIN
                 x = tf.constant(rng.normal(size=(batch, shape[0])).astype("float32"))
                 timers = {}
                 for name, model in candidates.items():
-                    long, short = op_function(model, CHAIN), op_function(model, 1)
+                    timers.update(op_timers(name, model, chain, x))
                     call = tf.function(model)
-                    timers[f"{name}/long"] = lambda f=long, x=x: f(x).numpy()
-                    timers[f"{name}/short"] = lambda f=short, x=x: f(x).numpy()
                     timers[f"{name}/call"] = lambda f=call, x=x: [
                         f(x).numpy() for _ in range(CALLS)
                     ]
+                # The chain's own links (an identity and a slice an
+                # application), timed alone and subtracted from the ops.
+                timers.update(op_timers("links", tf.identity, chain, x))
+                timers = {
+                    name: with_loads(None, timer) for name, timer in timers.items()
+                }
+                if "native" in candidates and batch <= native.SMALL_BATCH:
+                    native_timers = op_timers("native", candidates["native"], chain, x)
+                    for loads in native.plan().built:
+                        for key, timer in native_timers.items():
+                            timers[key.replace("native", loads)] = with_loads(
+                                loads, timer
+                            )
                 scipy_product = scipy_reference(kernel, x.numpy())
                 if scipy_product is not None:
-                    timers["scipy"] = scipy_product
-                times = time_interleaved(timers, repeats=repeats, warmup=2)
+                    # timed as the ops are: (K calls - 1 call) / (K - 1)
+                    timers["scipy/long"] = lambda f=scipy_product, k=chain: [
+                        f() for _ in range(k)
+                    ]
+                    timers["scipy/short"] = scipy_product
+                times = time_interleaved(timers, repeats=repeats, warmup=2, settle=1)
+
+                def per_application(name, links=0.0, chain=chain, times=times):
+                    """(chain of K - chain of 1) / (K - 1) for timers `name`,
+                    less `links`."""
+                    long, short = times[f"{name}/long"], times[f"{name}/short"]
+                    return max((long - short) / (chain - 1) - links, 1e-7)
+
+                links = per_application("links")
                 row = {
                     "shape": shape,
                     "density": density,
                     "batch": batch,
-                    "scipy": times.get("scipy"),
+                    "scipy": per_application("scipy")
+                    if "scipy/long" in times
+                    else None,
                     "auto_dense": computes_dense(candidates["auto"].layers[0], batch),
                 }
                 for name in candidates:
-                    row[f"{name}/op"] = max(
-                        (times[f"{name}/long"] - times[f"{name}/short"]) / (CHAIN - 1),
-                        1e-7,
-                    )
+                    row[f"{name}/op"] = per_application(name, links)
                     row[f"{name}/call"] = times[f"{name}/call"] / CALLS
+                for loads in native.LOADS:
+                    if f"{loads}/long" in times:
+                        row[f"{loads}/op"] = per_application(loads, links)
                 rows.append(row)
                 print(".", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
+
+
+def op_timers(name, model, chain, x):
+    """Timers `name/long` and `name/short`: chains of `chain` and of 1
+    application of `model` to `x`."""
+    long, short = op_function(model, chain), op_function(model, 1)
+    return {
+        f"{name}/long": lambda: long(x).numpy(),
+        f"{name}/short": lambda: short(x).numpy(),
+    }
+
+
+def with_loads(loads, timer):
+    """`timer`, run with the native kernel's small-batch loads forced to
+    `loads` (`None`: the plan's), so that timers that force them in turn
+    leave no trace on the next one."""
+    if not native.available():
+        return timer
+
+    def run():
+        native.set_loads(loads)
+        return timer()
+
+    return run
 
 
 def computes_dense(layer, batch):
@@ -160,7 +222,8 @@ def scipy_reference(kernel, x):
     except ImportError:
         return None
     transposed = scipy.sparse.csr_matrix(kernel.T)
-    x_t = np.ascontiguousarray(x.T)
+    # One row: a mat-vec (scipy's csr_matvec), as a server calls it.
+    x_t = x[0].copy() if len(x) == 1 else np.ascontiguousarray(x.T)
     return lambda: transposed @ x_t
 
 
@@ -195,6 +258,42 @@ def layer_tables(rows):
             + f"{1 / row['density']:.0f}x |"
         )
     return "\n".join(lines)
+
+
+def loads_table(rows):
+    """The small-batch rows: the native op with each loads forced, the
+    plan's choice, and scipy's CSR product."""
+    plan = native.plan()
+    built = plan.built
+    header = (
+        "| layer | density | batch | Dense op | "
+        + " | ".join(f"{loads} loads" for loads in built)
+        + f" | planned ({plan.loads}) | vs Dense | scipy CSR | vs scipy |\n"
+        + "|---|---:|---:|---:|"
+        + "---:|" * (len(built) + 4)
+    )
+    lines = [header]
+    for row in rows:
+        if f"{plan.loads}/op" not in row:
+            continue
+        planned = row[f"{plan.loads}/op"]
+        scipy_time = row["scipy"]
+        lines.append(
+            f"| {row['shape'][0]}x{row['shape'][1]} | {row['density']:g} | "
+            f"{row['batch']} | {us(row['dense/op'])} | "
+            + " | ".join(us(row[f"{loads}/op"]) for loads in built)
+            + f" | {us(planned)} | **{row['dense/op'] / planned:.2f}x** | "
+            + (
+                f"{us(scipy_time)} | **{scipy_time / planned:.2f}x** |"
+                if scipy_time is not None
+                else "n/a | n/a |"
+            )
+        )
+    return "\n".join(lines)
+
+
+def us(seconds):
+    return f"{seconds * 1e6:.1f} us"
 
 
 def ms(seconds):
@@ -276,32 +375,15 @@ def convnet_table(times, images, difference):
     )
 
 
-def cpu_description():
-    """The CPU's model name and the vector flags the kernels care about, from
-    /proc/cpuinfo (Linux); the architecture alone elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            lines = file.read().splitlines()
-    except OSError:
-        return platform.machine()
-    fields = {}
-    for line in lines:  # the first processor's fields: "key<tabs>: value"
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    model = fields.get("model name", "")
-    flags = set(fields.get("flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512vl")
-    vector = " ".join(flag for flag in wanted if flag in flags) or "no AVX2"
-    return f"{model or platform.machine()} ({vector})"
-
-
 def environment():
     return (
-        f"CPU: {cpu_description()}; "
+        f"CPU: {native.cpu_description()}; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; "
         f"Python {sys.version.split()[0]}, TensorFlow {tf.__version__}, "
         f"Keras {keras.__version__}, keras_prune {kp.__version__}; "
-        f"native kernel: {'yes' if native.available() else native.failure()}; "
+        "native kernel: "
+        + (f"yes, {native.plan()}" if native.available() else native.failure())
+        + "; "
         "SparseDense computes dense above density "
         f"{sparse_ops.DENSE_MIN_DENSITY} or below "
         f"{sparse_ops.SPARSE_MIN_WEIGHTS:,} weights"
@@ -361,7 +443,14 @@ def main(argv=None):
     print(
         "## Layers (Dense time / sparse time; **auto** is what export_sparse makes)\n"
     )
-    print(layer_tables(measure_layers(shapes, densities, batches, repeats)))
+    rows = measure_layers(shapes, densities, batches, repeats)
+    print(layer_tables(rows))
+    if native.available() and min(batches) <= native.SMALL_BATCH:
+        print(
+            "\n## Small batches: the native kernel's loads (op times; ratios: "
+            "other time / planned time)\n"
+        )
+        print(loads_table(rows))
     if args.shapes or args.densities or args.batches:
         return  # a custom layer sweep
     images = load_images(args.data, image_count)

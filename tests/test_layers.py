@@ -169,14 +169,22 @@ def test_sparse_paths_hold_only_nonzeros_as_coo_pairs_of_the_transpose(compute):
     kernel = np.array([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]], "float32")
     layer = SparseDense.from_kernel(kernel, bias=np.zeros(3), compute=compute)
     assert layer.nnz == 2
+    native_csr = {"row_splits": (4,), "columns": (2,)} if compute == "native" else {}
     assert {w.name: tuple(w.shape) for w in layer.weights} == {
         "values": (2,),
         "indices": (2, 2),
+        **native_csr,
         "bias": (3,),
     }
     # Unit 0 takes input 1 (3.0), unit 1 takes input 0 (2.0), unit 2 nothing.
     np.testing.assert_array_equal(to_numpy(layer.values), [3.0, 2.0])
     np.testing.assert_array_equal(to_numpy(layer.indices), [[0, 1], [1, 0]])
+    if compute == "native":  # the same as int32 CSR
+        row_splits, columns = (to_numpy(variable) for variable in layer.csr)
+        assert row_splits.tolist() == [0, 1, 2, 2] and row_splits.dtype == "int32"
+        assert columns.tolist() == [1, 0] and columns.dtype == "int32"
+    else:
+        assert layer.csr is None
     np.testing.assert_array_equal(layer.dense_kernel(), kernel)
     assert layer.sparsity == pytest.approx(4 / 6)
 

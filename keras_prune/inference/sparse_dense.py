@@ -76,6 +76,29 @@ def kernel_from_coo(
     return kernel
 
 
+def csr_from_coo(indices: np.ndarray, units: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 CSR of COO pairs sorted by unit: what the native kernel takes.
+
+    Args:
+        indices: `(nnz, 2)` pairs of `(unit, input)`, sorted by unit.
+        units: Number of units (rows of the transposed kernel).
+
+    Returns:
+        `row_splits`, int32 `(units + 1,)` (unit `u`'s nonzeros are entries
+        `row_splits[u]` to `row_splits[u + 1] - 1`), and `columns`, int32
+        `(nnz,)` (the input of each).
+
+    Example:
+
+    >>> row_splits, columns = csr_from_coo(np.array([[0, 1], [2, 0], [2, 2]]), 3)
+    >>> row_splits.tolist(), columns.tolist()
+    ([0, 1, 1, 3], [1, 0, 2])
+    """
+    indices = np.asarray(indices).reshape(-1, 2)
+    row_splits = np.searchsorted(indices[:, 0], np.arange(units + 1))
+    return row_splits.astype(np.int32), indices[:, 1].astype(np.int32)
+
+
 def _coo_from_csr(row_splits: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """COO pairs from the CSR arrays of keras_prune 0.1 and 0.2 files."""
     units = np.repeat(np.arange(len(row_splits) - 1), np.diff(row_splits))
@@ -166,9 +189,12 @@ class SparseDense(keras.layers.Layer):
 
     `layer.compute_path(batch_size)` says which runs. In memory a sparse
     path holds `values` (the nonzeros) and `indices` (int64 `(unit, input)`
-    pairs sorted by unit, which every sparse kernel takes as they are); the
-    dense path holds `kernel` (dense) and `indices`, and a constraint keeps
-    the weights outside `indices` at zero when it is fine-tuned.
+    pairs sorted by unit, which TensorFlow's sparse kernels take as they
+    are), and where the native kernel may run (`compute="auto"` or
+    `"native"`) the same pattern as int32 CSR, `row_splits` `(units + 1,)`
+    and `columns` `(nnz,)`, derived when the weights are set (not per call);
+    the dense path holds `kernel` (dense) and `indices`, and a constraint
+    keeps the weights outside `indices` at zero when it is fine-tuned.
 
     XLA cannot compile sparse ops, so a layer on a sparse path sets
     `supports_jit = False`; Keras then runs the model without XLA.
@@ -312,6 +338,23 @@ class SparseDense(keras.layers.Layer):
             dtype="int64",
             trainable=False,
         )
+        # The native kernel's CSR form of `indices` (all zeros is a valid
+        # empty pattern, like the zero `indices`, until weights are set).
+        self.csr = None
+        if not self.computes_dense and self.compute in ("auto", "native"):
+            self.csr = tuple(
+                self.add_weight(
+                    name=name,
+                    shape=(size,),
+                    initializer="zeros",
+                    dtype="int32",
+                    trainable=False,
+                )
+                for name, size in (
+                    ("row_splits", self.units + 1),
+                    ("columns", self.nnz),
+                )
+            )
         self.bias = (
             self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
             if self.use_bias
@@ -327,6 +370,11 @@ class SparseDense(keras.layers.Layer):
                 f"Received: {len(values)} values"
             )
         self.indices.assign(indices)
+        if self.csr is not None:
+            for variable, array in zip(
+                self.csr, csr_from_coo(indices, self.units), strict=True
+            ):
+                variable.assign(array)
         if self.computes_dense:
             self.kernel.assign(
                 kernel_from_coo(values, indices, self.input_dim, self.units)
@@ -418,17 +466,18 @@ class SparseDense(keras.layers.Layer):
 
     def call(self, inputs: Any) -> Any:
         if self.computes_dense:
-            outputs = ops.matmul(inputs, self.kernel)
-        else:
-            outputs = _sparse_ops().sparse_matmul(
-                inputs,
-                self._values,
-                self.indices,
-                self.input_dim,
-                self.units,
-                path=self.compute,
-            )
-        return _add_bias_and_activate(self, outputs)
+            return _add_bias_and_activate(self, ops.matmul(inputs, self.kernel))
+        outputs = _sparse_ops().sparse_matmul(
+            inputs,
+            self._values,
+            self.indices,
+            self.input_dim,
+            self.units,
+            path=self.compute,
+            csr=self.csr,
+            bias=self.bias,
+        )
+        return outputs if self.activation is None else self.activation(outputs)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)

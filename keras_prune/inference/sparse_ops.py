@@ -4,7 +4,9 @@ In memory a sparse kernel `W` of shape `(input_dim, units)` is held as COO
 pairs of its transpose, `indices[k] = (unit, input)` in row-major order with
 int64 entries, plus `values[k]`: exactly what TensorFlow's sparse kernels
 take, so nothing is rebuilt per call (`SparseDense` stores it on disk in
-the compact formats of `keras_prune.storage`).
+the compact formats of `keras_prune.storage`). For the native kernel the
+layer also holds the same pattern as int32 CSR (`row_splits`, `columns`),
+derived once when its weights are set.
 
 Three kernels compute `x @ W`:
 - `"native"`: keras_prune's own kernel (see `keras_prune.inference.native`), compiled
@@ -97,8 +99,11 @@ def sparse_matmul(
     input_dim: int,
     units: int,
     path: str = "auto",
+    csr: tuple[Any, Any] | None = None,
+    bias: Any = None,
 ) -> tf.Tensor:
-    """Computes `inputs @ W` for `W` given as COO pairs of its transpose.
+    """Computes `inputs @ W (+ bias)` for `W` given as COO pairs of its
+    transpose.
 
     Inputs of any rank >= 2 are flattened to `(-1, input_dim)` and the result
     is reshaped back to `(..., units)`.
@@ -113,6 +118,14 @@ def sparse_matmul(
             choice (at trace time; between `"coo"` and `"csr"` at run time
             when the batch size is unknown), or `"tensorflow"` for the same
             choice among TensorFlow's own kernels only. Defaults to `"auto"`.
+        csr: `(row_splits, columns)`, the same pattern as int32 CSR
+            (`sparse_dense.csr_from_coo`), for the native kernel; derived
+            from `indices` at every call when `None` (slower). Defaults to
+            `None`.
+        bias: Tensor `(units,)` to add, or `None`. The native kernel adds it
+            as it writes the outputs (one graph node less, which counts for
+            a matrix-vector product of a few microseconds). Defaults to
+            `None`.
 
     Example:
 
@@ -134,8 +147,13 @@ def sparse_matmul(
                 'The "native" kernel computes in float32, from float32, float16 '
                 f"or bfloat16. Received: values.dtype={values.dtype.name}"
             )
+        row_splits, columns = csr if csr is not None else _csr_of(indices, units)
         outputs = native.sparse_matmul(
-            tf.cast(flat, tf.float32), tf.cast(values, tf.float32), indices, units
+            tf.cast(flat, tf.float32),
+            tf.cast(values, tf.float32),
+            row_splits,
+            columns,
+            None if bias is None else tf.cast(bias, tf.float32),
         )
         return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
     if values.dtype in (tf.float16, tf.bfloat16):
@@ -149,6 +167,7 @@ def sparse_matmul(
             input_dim,
             units,
             path,
+            bias=None if bias is None else tf.cast(bias, tf.float32),
         )
         return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
     transposed = tf.SparseTensor(indices, values, dense_shape=[units, input_dim])
@@ -162,7 +181,18 @@ def sparse_matmul(
             lambda: _coo_matmul(flat, transposed, None),
             lambda: _csr_matmul(flat, transposed, None),
         )
+    if bias is not None:
+        outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
     return _restore_shape(outputs, inputs, units)
+
+
+def _csr_of(indices: Any, units: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """int32 `(row_splits, columns)` of COO pairs sorted by unit."""
+    indices = tf.convert_to_tensor(indices, tf.int64)
+    row_splits = tf.searchsorted(
+        indices[:, 0], tf.range(units + 1, dtype=tf.int64), out_type=tf.int32
+    )
+    return row_splits, tf.cast(indices[:, 1], tf.int32)
 
 
 def _restore_shape(outputs: tf.Tensor, inputs: tf.Tensor, units: int) -> tf.Tensor:

@@ -1,27 +1,38 @@
 // keras_prune's CPU kernel for SparseDense: y = x @ W, W sparse.
 //
-// W (input_dim x units) arrives as COO pairs of its transpose, exactly what
-// SparseDense holds: `indices[k] = (unit, input)` sorted by unit (row-major),
-// and `values[k]`. TensorFlow's own kernels either run on one core
-// (SparseTensorDenseMatMul) or need a CSR conversion and two transposes per
-// call (SparseMatrixMatMul); this one needs neither:
+// W (input_dim x units) arrives as CSR of its transpose, which SparseDense
+// derives once from its nonzeros when they are set: unit u's nonzeros are
+// `values[k]` at inputs `columns[k]` for k in [row_splits[u],
+// row_splits[u + 1]), with int32 row splits and columns. A bias (one per
+// unit, or none) is added as the outputs are written. (The op of
+// keras_prune 0.2, which took sorted (unit, input) int64 COO pairs, is kept
+// for the SavedModels it made: it converts them to CSR at every call.)
 //
-// - batches of up to kGatherMaxBatch rows: each output is a dot product of a
-//   unit's nonzeros with the input row, gathered (work split over units);
-// - larger batches: x is transposed tile by tile into Tile (8 or 16)
+// - Batches of up to kGatherMaxBatch rows: each output is a dot product of
+//   a unit's nonzeros with the input row (work split over units). With
+//   AVX2, eight nonzeros at a time are multiplied in vector registers, and
+//   the eight inputs they need are loaded either by the hardware gather
+//   instruction or by eight scalar loads (`Loads`): which is faster depends
+//   on the CPU (gathers are slow on AMD Zen cores), so Python measures both
+//   once per machine (`keras_prune_time_loads`) and sets the faster
+//   (`keras_prune_set_loads`).
+// - Larger batches: x is transposed tile by tile into Tile (8 or 16)
 //   contiguous floats per input, so each nonzero adds `value * x[:, input]`
 //   to register accumulators of Tile lanes (vectorized), then the unit's
 //   outputs are written once (work split over tiles and units, each thread
 //   transposing the tiles it works on).
 //
 // Work is shared over TensorFlow's intra-op thread pool when there is
-// enough of it. An entry outside the kernel, or out of order where the walk
-// over the entries meets it, fails the op; nothing is read or written out of
-// bounds whatever the indices.
+// enough of it. Row splits outside [0, nnz] or decreasing, and columns
+// outside [0, input_dim), fail the op; nothing is read or written out of
+// bounds whatever the operands.
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <limits>
+#include <random>
 #include <vector>
 
 #ifdef __AVX__
@@ -44,6 +55,27 @@ using ::tensorflow::TensorShapeUtils;
 namespace errors = ::tensorflow::errors;
 namespace shape_inference = ::tensorflow::shape_inference;
 
+REGISTER_OP("KerasPruneCsrMatMul")
+    .Input("x: float")
+    .Input("values: float")
+    .Input("row_splits: int32")
+    .Input("columns: int32")
+    .Input("bias: float")
+    .Output("y: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle x, row_splits;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &row_splits));
+      shape_inference::DimensionHandle units;
+      TF_RETURN_IF_ERROR(c->Subtract(c->Dim(row_splits, 0), 1, &units));
+      c->set_output(0, c->Matrix(c->Dim(x, 0), units));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Computes x @ W + bias for a sparse W given as int32 CSR (row_splits, columns)
+of W^T; bias has one entry per unit, or none.
+)doc");
+
 REGISTER_OP("KerasPruneSparseMatMul")
     .Input("x: float")
     .Input("values: float")
@@ -59,7 +91,8 @@ REGISTER_OP("KerasPruneSparseMatMul")
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Computes x @ W for a sparse W given as sorted (unit, input) COO pairs of W^T.
+Computes x @ W for a sparse W given as sorted (unit, input) COO pairs of W^T
+(keras_prune 0.2's op, kept for its SavedModels).
 )doc");
 
 namespace {
@@ -70,61 +103,141 @@ constexpr int64_t kGatherMaxBatch = 4;
 // calling thread alone.
 constexpr double kParallelMinNanos = 150e3;
 
-// First entry k in [0, nnz) whose unit is >= unit (entries sorted by unit).
-int64_t FirstEntryOf(const int64_t* indices, int64_t nnz, int64_t unit) {
-  int64_t low = 0, high = nnz;
-  while (low < high) {
-    const int64_t middle = low + (high - low) / 2;
-    if (indices[2 * middle] < unit) {
-      low = middle + 1;
-    } else {
-      high = middle;
-    }
-  }
-  return low;
-}
+// How the small-batch loop loads the inputs its nonzeros need.
+enum Loads : int { kScalarLoads = 0, kGatherLoads = 1 };
+std::atomic<int> loads{kScalarLoads};
 
 struct Problem {
   const float* x;
   const float* values;
-  const int64_t* indices;
+  const int32_t* row_splits;
+  const int32_t* columns;
+  const float* bias;  // one per unit, or null for none
   int64_t batch, input_dim, units, nnz;
   float* y;
   std::atomic<bool>* bad_entry;
 };
 
-// Outputs of units [unit_begin, unit_end) for the Rows rows of x, as
-// gathered dot products. Chains independent sums take turns over the
-// nonzeros, so that consecutive multiply-adds do not wait on each other.
-template <int Rows>
-void GatherUnits(const Problem& p, int64_t unit_begin, int64_t unit_end) {
-  constexpr int Chains = Rows == 1 ? 4 : 2;
-  int64_t k = FirstEntryOf(p.indices, p.nnz, unit_begin);
-  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-    float sums[Chains][Rows] = {};
-    int chain = 0;
-    for (; k < p.nnz && p.indices[2 * k] == unit; ++k) {
-      const int64_t input = p.indices[2 * k + 1];
-      if (input < 0 || input >= p.input_dim) {
-        *p.bad_entry = true;
-        return;
-      }
-      const float value = p.values[k];
-      for (int b = 0; b < Rows; ++b) {
-        sums[chain][b] += value * p.x[b * p.input_dim + input];
-      }
-      chain = chain + 1 == Chains ? 0 : chain + 1;
+// Units are walked in blocks of this many; each block's operands are checked
+// once, before its products (and are then in the core's cache).
+constexpr int64_t kUnitBlock = 64;
+
+// Whether all `count` columns lie in [0, input_dim) (compared unsigned, so
+// that negative ones do not). Four running maxima, so that the loads do not
+// wait on one chain of comparisons.
+bool ColumnsInRange(const int32_t* columns, int64_t count, int64_t input_dim) {
+  uint32_t largest = 0;
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256i lanes[4];
+  for (__m256i& lane : lanes) lane = _mm256_setzero_si256();
+  for (; k + 32 <= count; k += 32) {
+    for (int i = 0; i < 4; ++i) {
+      lanes[i] = _mm256_max_epu32(
+          lanes[i],
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(columns + k + 8 * i)));
     }
-    if (k < p.nnz && p.indices[2 * k] < unit) {  // out of order
+  }
+  alignas(32) uint32_t lane[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane),
+                     _mm256_max_epu32(_mm256_max_epu32(lanes[0], lanes[1]),
+                                      _mm256_max_epu32(lanes[2], lanes[3])));
+  for (uint32_t value : lane) largest = std::max(largest, value);
+#endif
+  for (; k < count; ++k) largest = std::max(largest, static_cast<uint32_t>(columns[k]));
+  return count == 0 || largest < static_cast<uint64_t>(input_dim);
+}
+
+// Whether the row splits of units [first, last) rise within [0, nnz] and
+// their nonzeros' columns lie in [0, input_dim): then the loops over those
+// nonzeros need no checks.
+bool BlockInRange(const Problem& p, int64_t first, int64_t last) {
+  if (p.row_splits[first] < 0 || p.row_splits[last] > p.nnz) return false;
+  for (int64_t unit = first; unit < last; ++unit) {
+    if (p.row_splits[unit] > p.row_splits[unit + 1]) return false;
+  }
+  return ColumnsInRange(p.columns + p.row_splits[first],
+                        p.row_splits[last] - p.row_splits[first], p.input_dim);
+}
+
+#ifdef __AVX2__
+inline float HorizontalSum(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// row[column[0..7]], by one gather instruction or by eight scalar loads.
+template <Loads How>
+inline __m256 Load8(const float* row, const int32_t* column) {
+  if (How == kGatherLoads) {
+    return _mm256_i32gather_ps(
+        row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column)), 4);
+  }
+  return _mm256_setr_ps(row[column[0]], row[column[1]], row[column[2]],
+                        row[column[3]], row[column[4]], row[column[5]],
+                        row[column[6]], row[column[7]]);
+}
+#endif
+
+// Outputs of units [unit_begin, unit_end) for the Rows rows of x, as dot
+// products of each unit's nonzeros with the rows: eight nonzeros at a time
+// in vector registers (with AVX2, for units that have eight or more), the
+// rest one by one. Units are independent, so the processor overlaps the
+// sums of consecutive units.
+template <int Rows, Loads How>
+void GatherUnits(const Problem& p, int64_t unit_begin, int64_t unit_end) {
+  for (int64_t first = unit_begin; first < unit_end; first += kUnitBlock) {
+    const int64_t last = std::min(first + kUnitBlock, unit_end);
+    if (!BlockInRange(p, first, last)) {
       *p.bad_entry = true;
       return;
     }
-    for (int b = 0; b < Rows; ++b) {
-      float sum = 0;
-      for (int c = 0; c < Chains; ++c) sum += sums[c][b];
-      p.y[b * p.units + unit] = sum;
+    for (int64_t unit = first; unit < last; ++unit) {
+      int64_t k = p.row_splits[unit];
+      const int64_t end = p.row_splits[unit + 1];
+      float sums[Rows] = {};
+#ifdef __AVX2__
+      if (end - k >= 8) {
+        __m256 vector_sums[Rows];
+        for (int b = 0; b < Rows; ++b) vector_sums[b] = _mm256_setzero_ps();
+        for (; k + 8 <= end; k += 8) {
+          const __m256 values = _mm256_loadu_ps(p.values + k);
+          for (int b = 0; b < Rows; ++b) {
+            vector_sums[b] = _mm256_fmadd_ps(
+                values, Load8<How>(p.x + b * p.input_dim, p.columns + k),
+                vector_sums[b]);
+          }
+        }
+        for (int b = 0; b < Rows; ++b) sums[b] = HorizontalSum(vector_sums[b]);
+      }
+#endif
+      for (; k < end; ++k) {
+        const int32_t column = p.columns[k];
+        const float value = p.values[k];
+        for (int b = 0; b < Rows; ++b) sums[b] += value * p.x[b * p.input_dim + column];
+      }
+      const float bias = p.bias == nullptr ? 0.0f : p.bias[unit];
+      for (int b = 0; b < Rows; ++b) p.y[b * p.units + unit] = sums[b] + bias;
     }
   }
+}
+
+using GatherFunction = void (*)(const Problem&, int64_t, int64_t);
+
+template <Loads How>
+GatherFunction GatherFor(int64_t rows) {
+  return rows == 1   ? GatherUnits<1, How>
+         : rows == 2 ? GatherUnits<2, How>
+         : rows == 3 ? GatherUnits<3, How>
+                     : GatherUnits<4, How>;
+}
+
+GatherFunction GatherFor(int64_t rows, int how) {
+#ifdef __AVX2__
+  if (how == kGatherLoads) return GatherFor<kGatherLoads>(rows);
+#endif
+  return GatherFor<kScalarLoads>(rows);
 }
 
 #ifdef __AVX__
@@ -188,46 +301,33 @@ void TransposeTile(const Problem& p, int64_t row_begin, float* tile) {
 template <int Tile>
 void MultiplyTile(const Problem& p, const float* tile, int64_t row_begin,
                   int64_t unit_begin, int64_t unit_end) {
-  constexpr int64_t kUnitBlock = 64;
   const int rows = static_cast<int>(std::min<int64_t>(Tile, p.batch - row_begin));
   alignas(64) float block[kUnitBlock * Tile];
-  int64_t k = FirstEntryOf(p.indices, p.nnz, unit_begin);
   for (int64_t first = unit_begin; first < unit_end; first += kUnitBlock) {
     const int64_t count = std::min(kUnitBlock, unit_end - first);
+    if (!BlockInRange(p, first, first + count)) {
+      *p.bad_entry = true;
+      return;
+    }
     for (int64_t j = 0; j < count; ++j) {
-      const int64_t unit = first + j;
-      int64_t end = k;
-      while (end < p.nnz && p.indices[2 * end] == unit) ++end;
-      if (end < p.nnz && p.indices[2 * end] < unit) {  // out of order
-        *p.bad_entry = true;
-        return;
-      }
+      int64_t k = p.row_splits[first + j];
+      const int64_t end = p.row_splits[first + j + 1];
       // Local arrays, so that they stay in registers.
       float even[Tile] = {0}, odd[Tile] = {0};
       for (; k + 1 < end; k += 2) {
-        const int64_t a = p.indices[2 * k + 1], b = p.indices[2 * k + 3];
-        if (a < 0 || a >= p.input_dim || b < 0 || b >= p.input_dim) {
-          *p.bad_entry = true;
-          return;
-        }
         const float va = p.values[k], vb = p.values[k + 1];
-        const float* column_a = tile + a * Tile;
-        const float* column_b = tile + b * Tile;
+        const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
+        const float* column_b = tile + static_cast<int64_t>(p.columns[k + 1]) * Tile;
         for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
         for (int t = 0; t < Tile; ++t) odd[t] += vb * column_b[t];
       }
       if (k < end) {
-        const int64_t a = p.indices[2 * k + 1];
-        if (a < 0 || a >= p.input_dim) {
-          *p.bad_entry = true;
-          return;
-        }
         const float va = p.values[k];
-        const float* column_a = tile + a * Tile;
+        const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
         for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
-        ++k;
       }
-      for (int t = 0; t < Tile; ++t) block[j * Tile + t] = even[t] + odd[t];
+      const float bias = p.bias == nullptr ? 0.0f : p.bias[first + j];
+      for (int t = 0; t < Tile; ++t) block[j * Tile + t] = even[t] + odd[t] + bias;
     }
     for (int t = 0; t < rows; ++t) {
       float* out = p.y + (row_begin + t) * p.units + first;
@@ -267,8 +367,95 @@ void MultiplyTiled(const Problem& p, tensorflow::thread::ThreadPool* workers,
       });
 }
 
+// y = x @ W for every batch size, on the context's thread pool.
+void Multiply(OpKernelContext* context, const Problem& problem) {
+  if (problem.batch == 0 || problem.units == 0) return;
+  const auto* worker_threads = context->device()->tensorflow_cpu_worker_threads();
+  tensorflow::thread::ThreadPool* workers = worker_threads->workers;
+  const int threads = worker_threads->num_threads;
+  if (problem.batch <= kGatherMaxBatch) {
+    const GatherFunction gather = GatherFor(problem.batch, loads.load());
+    const int64_t per_unit = 1 + problem.nnz / problem.units;
+    const double nanos = 0.4 * problem.nnz * problem.batch;  // measured
+    tensorflow::Shard(
+        nanos < kParallelMinNanos ? 1 : threads, workers, problem.units,
+        4 * per_unit * problem.batch,
+        [&](int64_t begin, int64_t end) { gather(problem, begin, end); });
+  } else if (problem.batch <= 8) {
+    MultiplyTiled<8>(problem, workers, threads);
+  } else {
+    MultiplyTiled<16>(problem, workers, threads);
+  }
+}
+
+// Checks the operands' shapes and sizes and allocates y.
+absl::Status Prepare(OpKernelContext* context, int64_t units, Tensor** y) {
+  const Tensor& x = context->input(0);
+  const Tensor& values = context->input(1);
+  if (!TensorShapeUtils::IsMatrix(x.shape())) {
+    return errors::InvalidArgument("x must be 2-D, got shape ",
+                                   x.shape().DebugString());
+  }
+  if (!TensorShapeUtils::IsVector(values.shape())) {
+    return errors::InvalidArgument("values must be 1-D, got shape ",
+                                   values.shape().DebugString());
+  }
+  constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+  if (x.dim_size(1) > kMaxInt32 || values.dim_size(0) > kMaxInt32) {
+    return errors::InvalidArgument("input_dim and nnz must fit in int32, got ",
+                                   x.dim_size(1), " and ", values.dim_size(0));
+  }
+  return context->allocate_output(0, TensorShape({x.dim_size(0), units}), y);
+}
+
 }  // namespace
 
+class CsrMatMulOp : public OpKernel {
+ public:
+  explicit CsrMatMulOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& row_splits = context->input(2);
+    const Tensor& columns = context->input(3);
+    OP_REQUIRES(context,
+                TensorShapeUtils::IsVector(row_splits.shape()) &&
+                    row_splits.dim_size(0) >= 1,
+                errors::InvalidArgument("row_splits must be 1-D with units + 1 "
+                                        "entries, got shape ",
+                                        row_splits.shape().DebugString()));
+    const int64_t nnz = context->input(1).NumElements();
+    OP_REQUIRES(context,
+                TensorShapeUtils::IsVector(columns.shape()) &&
+                    columns.dim_size(0) == nnz,
+                errors::InvalidArgument("columns must have shape [nnz] with nnz = ",
+                                        nnz, ", got ",
+                                        columns.shape().DebugString()));
+    const int64_t units = row_splits.dim_size(0) - 1;
+    const Tensor& bias = context->input(4);
+    OP_REQUIRES(context,
+                TensorShapeUtils::IsVector(bias.shape()) &&
+                    (bias.dim_size(0) == units || bias.dim_size(0) == 0),
+                errors::InvalidArgument("bias must have shape [units] with units = ",
+                                        units, ", or [0], got ",
+                                        bias.shape().DebugString()));
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(context, Prepare(context, units, &y));
+    const Tensor& x = context->input(0);
+    std::atomic<bool> bad_entry(false);
+    Multiply(context, {x.flat<float>().data(), context->input(1).flat<float>().data(),
+                       row_splits.flat<int32_t>().data(), columns.flat<int32_t>().data(),
+                       bias.dim_size(0) == 0 ? nullptr : bias.flat<float>().data(),
+                       x.dim_size(0), x.dim_size(1), units, nnz,
+                       y->flat<float>().data(), &bad_entry});
+    OP_REQUIRES(context, !bad_entry,
+                errors::InvalidArgument(
+                    "row_splits must rise from 0 to at most nnz = ", nnz,
+                    ", and columns must lie in [0, ", x.dim_size(1), ")"));
+  }
+};
+
+// keras_prune 0.2's op: COO pairs, converted to CSR at every call (each
+// thread keeps its buffers across calls).
 class SparseMatMulOp : public OpKernel {
  public:
   explicit SparseMatMulOp(OpKernelConstruction* context) : OpKernel(context) {
@@ -276,72 +463,43 @@ class SparseMatMulOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& x = context->input(0);
-    const Tensor& values = context->input(1);
     const Tensor& indices = context->input(2);
-    OP_REQUIRES(context, TensorShapeUtils::IsMatrix(x.shape()),
-                errors::InvalidArgument("x must be 2-D, got shape ",
-                                        x.shape().DebugString()));
-    OP_REQUIRES(context, TensorShapeUtils::IsVector(values.shape()),
-                errors::InvalidArgument("values must be 1-D, got shape ",
-                                        values.shape().DebugString()));
+    const int64_t nnz = context->input(1).NumElements();
     OP_REQUIRES(
         context,
         TensorShapeUtils::IsMatrix(indices.shape()) &&
-            indices.dim_size(0) == values.dim_size(0) &&
-            indices.dim_size(1) == 2,
+            indices.dim_size(0) == nnz && indices.dim_size(1) == 2,
         errors::InvalidArgument("indices must have shape [nnz, 2] with nnz = ",
-                                values.dim_size(0), ", got ",
-                                indices.shape().DebugString()));
+                                nnz, ", got ", indices.shape().DebugString()));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(
-                                0, TensorShape({x.dim_size(0), units_}), &y));
-    std::atomic<bool> bad_entry(false);
-    const Problem problem{x.flat<float>().data(),
-                          values.flat<float>().data(),
-                          indices.flat<int64_t>().data(),
-                          x.dim_size(0),
-                          x.dim_size(1),
-                          units_,
-                          values.dim_size(0),
-                          y->flat<float>().data(),
-                          &bad_entry};
-    // Sorted entries lie in [0, units) if the first and the last do; order
-    // itself is checked as the kernel walks the entries (a disorder that the
-    // walk skips can go unnoticed, but no read or write leaves its array).
-    OP_REQUIRES(context,
-                problem.nnz == 0 || (problem.indices[0] >= 0 &&
-                                     problem.indices[2 * problem.nnz - 2] <
-                                         problem.units),
-                errors::InvalidArgument("indices must have units in [0, ",
-                                        units_, ")"));
-    if (problem.batch == 0 || problem.units == 0) return;
-    const auto* worker_threads =
-        context->device()->tensorflow_cpu_worker_threads();
-    tensorflow::thread::ThreadPool* workers = worker_threads->workers;
-    const int threads = worker_threads->num_threads;
-    const int64_t per_unit = 1 + problem.nnz / problem.units;
-    if (problem.batch <= kGatherMaxBatch) {
-      auto gather = problem.batch == 1   ? GatherUnits<1>
-                    : problem.batch == 2 ? GatherUnits<2>
-                    : problem.batch == 3 ? GatherUnits<3>
-                                         : GatherUnits<4>;
-      const double nanos = 0.5 * problem.nnz * problem.batch;  // measured
-      tensorflow::Shard(nanos < kParallelMinNanos ? 1 : threads, workers,
-                        problem.units,
-                        4 * per_unit * problem.batch,
-                        [&](int64_t begin, int64_t end) {
-                          gather(problem, begin, end);
-                        });
-    } else if (problem.batch <= 8) {
-      MultiplyTiled<8>(problem, workers, threads);
-    } else {
-      MultiplyTiled<16>(problem, workers, threads);
+    OP_REQUIRES_OK(context, Prepare(context, units_, &y));
+    const Tensor& x = context->input(0);
+    const int64_t input_dim = x.dim_size(1);
+    const int64_t* pairs = indices.flat<int64_t>().data();
+    thread_local std::vector<int32_t> row_splits, columns;
+    row_splits.assign(units_ + 1, 0);
+    columns.resize(nnz);
+    int64_t previous = 0;
+    for (int64_t k = 0; k < nnz; ++k) {
+      const int64_t unit = pairs[2 * k], input = pairs[2 * k + 1];
+      OP_REQUIRES(context, unit >= 0 && unit < units_,
+                  errors::InvalidArgument("indices must have units in [0, ",
+                                          units_, ")"));
+      OP_REQUIRES(context, unit >= previous && input >= 0 && input < input_dim,
+                  errors::InvalidArgument(
+                      "indices must be (unit, input) pairs sorted by unit, with "
+                      "unit < ", units_, " and input < ", input_dim));
+      previous = unit;
+      ++row_splits[unit + 1];
+      columns[k] = static_cast<int32_t>(input);
     }
-    OP_REQUIRES(context, !bad_entry,
-                errors::InvalidArgument(
-                    "indices must be (unit, input) pairs sorted by unit, with "
-                    "unit < ", units_, " and input < ", problem.input_dim));
+    for (int64_t unit = 0; unit < units_; ++unit) {
+      row_splits[unit + 1] += row_splits[unit];
+    }
+    std::atomic<bool> bad_entry(false);
+    Multiply(context, {x.flat<float>().data(), context->input(1).flat<float>().data(),
+                       row_splits.data(), columns.data(), nullptr, x.dim_size(0), input_dim,
+                       units_, nnz, y->flat<float>().data(), &bad_entry});
   }
 
  private:
@@ -349,7 +507,76 @@ class SparseMatMulOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(
+    Name("KerasPruneCsrMatMul").Device(::tensorflow::DEVICE_CPU), CsrMatMulOp);
+REGISTER_KERNEL_BUILDER(
     Name("KerasPruneSparseMatMul").Device(::tensorflow::DEVICE_CPU),
     SparseMatMulOp);
 
 }  // namespace keras_prune
+
+// The choice of loads, for Python (ctypes): which were built, which is
+// used, and how fast each is on this CPU.
+extern "C" {
+
+// Whether the gather loads were built (the library was compiled with AVX2).
+int keras_prune_gather_loads_built() {
+#ifdef __AVX2__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Sets the loads of the small-batch loop: 0 scalar, 1 gather (ignored when
+// the gather loads were not built). Calls that already started keep theirs.
+void keras_prune_set_loads(int how) {
+  keras_prune::loads = how == keras_prune::kGatherLoads &&
+                               keras_prune_gather_loads_built()
+                           ? keras_prune::kGatherLoads
+                           : keras_prune::kScalarLoads;
+}
+
+int keras_prune_get_loads() { return keras_prune::loads.load(); }
+
+// The fastest of `repeats` matrix-vector products, in nanoseconds, of a
+// random (input_dim x units) matrix with each weight kept with probability
+// `density` (fixed seed), on the calling thread with the given loads; -1
+// for bad arguments.
+double keras_prune_time_loads(int how, int64_t input_dim, int64_t units,
+                              double density, int repeats) {
+  using namespace keras_prune;
+  if (input_dim <= 0 || input_dim > std::numeric_limits<int32_t>::max() ||
+      units <= 0 || !(density > 0 && density <= 1) || repeats <= 0) {
+    return -1;
+  }
+  std::mt19937 random(0);
+  std::uniform_real_distribution<float> uniform(-1, 1);
+  std::geometric_distribution<int64_t> gap(density);
+  std::vector<int32_t> row_splits(units + 1, 0), columns;
+  std::vector<float> values;
+  for (int64_t unit = 0; unit < units; ++unit) {
+    for (int64_t input = gap(random); input < input_dim; input += 1 + gap(random)) {
+      columns.push_back(static_cast<int32_t>(input));
+      values.push_back(uniform(random));
+    }
+    row_splits[unit + 1] = static_cast<int32_t>(columns.size());
+  }
+  std::vector<float> x(input_dim), y(units);
+  for (float& element : x) element = uniform(random);
+  std::atomic<bool> bad_entry(false);
+  const Problem problem{x.data(), values.data(), row_splits.data(), columns.data(),
+                        nullptr, 1, input_dim, units, static_cast<int64_t>(values.size()),
+                        y.data(), &bad_entry};
+  const GatherFunction gather = GatherFor(1, how);
+  double best = std::numeric_limits<double>::infinity();
+  for (int repeat = -2; repeat < repeats; ++repeat) {  // two to warm up
+    const auto start = std::chrono::steady_clock::now();
+    gather(problem, 0, units);
+    const std::chrono::duration<double, std::nano> took =
+        std::chrono::steady_clock::now() - start;
+    if (repeat >= 0) best = std::min(best, took.count());
+  }
+  return best;
+}
+
+}  // extern "C"
