@@ -293,11 +293,65 @@ void TransposeTile(const Problem& p, int64_t row_begin, float* tile) {
   }
 }
 
+// block[0..Tile) = bias + the sum over nonzeros k in [k, end) of
+// `values[k] * tile[columns[k]]` (a column of Tile floats). Two sums take
+// alternate nonzeros, so that consecutive multiply-adds do not wait on each
+// other; with AVX2 they are vector registers (written out explicitly: left
+// to itself, the compiler keeps them on the stack).
+template <int Tile>
+inline void AccumulateTile(const Problem& p, const float* tile, int64_t k,
+                           int64_t end, float bias, float* block) {
+#ifdef __AVX2__
+  constexpr int kVectors = Tile / 8;
+  __m256 even[kVectors], odd[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    even[v] = _mm256_setzero_ps();
+    odd[v] = _mm256_setzero_ps();
+  }
+  for (; k + 1 < end; k += 2) {
+    const __m256 value_a = _mm256_set1_ps(p.values[k]);
+    const __m256 value_b = _mm256_set1_ps(p.values[k + 1]);
+    const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
+    const float* column_b = tile + static_cast<int64_t>(p.columns[k + 1]) * Tile;
+    for (int v = 0; v < kVectors; ++v) {
+      even[v] = _mm256_fmadd_ps(value_a, _mm256_loadu_ps(column_a + 8 * v), even[v]);
+      odd[v] = _mm256_fmadd_ps(value_b, _mm256_loadu_ps(column_b + 8 * v), odd[v]);
+    }
+  }
+  if (k < end) {
+    const __m256 value_a = _mm256_set1_ps(p.values[k]);
+    const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
+    for (int v = 0; v < kVectors; ++v) {
+      even[v] = _mm256_fmadd_ps(value_a, _mm256_loadu_ps(column_a + 8 * v), even[v]);
+    }
+  }
+  const __m256 offset = _mm256_set1_ps(bias);
+  for (int v = 0; v < kVectors; ++v) {
+    _mm256_storeu_ps(block + 8 * v,
+                     _mm256_add_ps(_mm256_add_ps(even[v], odd[v]), offset));
+  }
+#else
+  float even[Tile] = {0}, odd[Tile] = {0};
+  for (; k + 1 < end; k += 2) {
+    const float va = p.values[k], vb = p.values[k + 1];
+    const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
+    const float* column_b = tile + static_cast<int64_t>(p.columns[k + 1]) * Tile;
+    for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
+    for (int t = 0; t < Tile; ++t) odd[t] += vb * column_b[t];
+  }
+  if (k < end) {
+    const float va = p.values[k];
+    const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
+    for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
+  }
+  for (int t = 0; t < Tile; ++t) block[t] = even[t] + odd[t] + bias;
+#endif
+}
+
 // Outputs of units [unit_begin, unit_end) for the rows of one transposed
-// tile. Two accumulators take alternate nonzeros, so that consecutive
-// multiply-adds do not wait on each other. Units are done kUnitBlock at a
-// time into a buffer written out row by row: with a power-of-two `units`,
-// writing a unit's column directly would map all its rows to one cache set.
+// tile. Units are done kUnitBlock at a time into a buffer written out row by
+// row: with a power-of-two `units`, writing a unit's column directly would
+// map all its rows to one cache set.
 template <int Tile>
 void MultiplyTile(const Problem& p, const float* tile, int64_t row_begin,
                   int64_t unit_begin, int64_t unit_end) {
@@ -310,24 +364,9 @@ void MultiplyTile(const Problem& p, const float* tile, int64_t row_begin,
       return;
     }
     for (int64_t j = 0; j < count; ++j) {
-      int64_t k = p.row_splits[first + j];
-      const int64_t end = p.row_splits[first + j + 1];
-      // Local arrays, so that they stay in registers.
-      float even[Tile] = {0}, odd[Tile] = {0};
-      for (; k + 1 < end; k += 2) {
-        const float va = p.values[k], vb = p.values[k + 1];
-        const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
-        const float* column_b = tile + static_cast<int64_t>(p.columns[k + 1]) * Tile;
-        for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
-        for (int t = 0; t < Tile; ++t) odd[t] += vb * column_b[t];
-      }
-      if (k < end) {
-        const float va = p.values[k];
-        const float* column_a = tile + static_cast<int64_t>(p.columns[k]) * Tile;
-        for (int t = 0; t < Tile; ++t) even[t] += va * column_a[t];
-      }
       const float bias = p.bias == nullptr ? 0.0f : p.bias[first + j];
-      for (int t = 0; t < Tile; ++t) block[j * Tile + t] = even[t] + odd[t] + bias;
+      AccumulateTile<Tile>(p, tile, p.row_splits[first + j],
+                           p.row_splits[first + j + 1], bias, block + j * Tile);
     }
     for (int t = 0; t < rows; ++t) {
       float* out = p.y + (row_begin + t) * p.units + first;
