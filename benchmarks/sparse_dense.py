@@ -13,9 +13,9 @@ repetitions:
      (K - 1), inside one compiled function (K = 50 for up to 4 rows, else
      10), less the chain's own links (an identity and a slice an
      application, timed alone); this cancels the fixed cost of calling a
-     tf.function. Each timing
-     follows an untimed call of the same candidate, so that it is timed in
-     its steady state, not in the wake of the previous candidate.
+     tf.function. Each timing follows 2 ms of untimed calls of the same
+     candidate (at least one), so that it is timed in its steady state, not
+     in the wake of the previous candidate.
    - call: one call of a compiled one-layer model, as a Python user makes it
      (the mean of CALLS back-to-back calls, as in a serving loop).
    Ratios are Dense time / sparse time (above 1: the sparse layer is faster).
@@ -56,8 +56,12 @@ from keras_prune.inference import native, sparse_ops  # noqa: E402
 
 SHAPES = ((3136, 1024), (784, 300), (1024, 10))
 DENSITIES = (1.0, 0.3, 0.1, 0.03, 0.01, 0.0023)
-BATCHES = (1, 32, 256)
+BATCHES = (1, 4, 32, 256)
 CHAIN = 10
+# Each timing follows this many seconds of untimed calls of the same
+# candidate: a microsecond layer reaches its steady state (what a server
+# that runs only it sees) after a few calls, not one.
+SETTLE = 0.002
 # Small batches take microseconds a layer, below the jitter of a
 # tf.function call (tens of microseconds): a longer chain averages it out.
 SMALL_BATCH_CHAIN = 50
@@ -146,7 +150,9 @@ def measure_layers(shapes, densities, batches, repeats):
                         f() for _ in range(k)
                     ]
                     timers["scipy/short"] = scipy_product
-                times = time_interleaved(timers, repeats=repeats, warmup=2, settle=1)
+                times = time_interleaved(
+                    timers, repeats=repeats, warmup=2, settle=SETTLE
+                )
 
                 def per_application(name, links=0.0, chain=chain, times=times):
                     """(chain of K - chain of 1) / (K - 1) for timers `name`,

@@ -375,3 +375,65 @@ def test_saved_model_with_the_native_kernel_serves_in_a_fresh_process(tmp_path):
         """
     )
     assert stdout.strip() == "[[6.0, -1.0]]"
+
+
+@needs_kernel
+def test_a_saved_model_that_calls_the_coo_op_of_earlier_versions_still_serves(
+    tmp_path,
+):
+    # What keras_prune 0.2 exported: a graph that calls its COO op.
+    values, indices = coo_from_kernel(np.array([[0.0, 2.0], [3.0, 0.0], [0.0, -1.0]]))
+    module = tf.Module()
+    module.values = tf.Variable(values.astype("float32"))
+    module.indices = tf.Variable(indices)
+    module.serve = tf.function(
+        lambda x: coo_product(x, module.values, module.indices, 2),
+        input_signature=[tf.TensorSpec((None, 3), tf.float32)],
+    )
+    tf.saved_model.save(module, str(tmp_path / "served"))
+    stdout, _ = run_python(
+        f"""
+        import tensorflow as tf
+        from keras_prune.inference import native
+        native.load()
+        served = tf.saved_model.load({str(tmp_path / "served")!r})
+        print(served.serve(tf.constant([[1.0, 2.0, 3.0]])).numpy().tolist())
+        """
+    )
+    assert stdout.strip() == "[[6.0, -1.0]]"
+
+
+PORTABLE_SCRIPT = """
+    import numpy as np
+    import tensorflow as tf
+    from keras_prune.inference import native
+    from keras_prune.inference.sparse_dense import coo_from_kernel, csr_from_coo
+
+    native._cpu_flags = lambda: []  # as on a CPU without AVX2
+    plan = native.plan()
+    print(plan.built, plan.chosen_by)
+    rng = np.random.default_rng(0)
+    kernel = (rng.random((50, 30)) < 0.3) * rng.normal(size=(50, 30))
+    values, indices = coo_from_kernel(kernel.astype("float32"))
+    bias = rng.normal(size=30).astype("float32")
+    operands = (values, *csr_from_coo(indices, 30), bias)
+    for batch in (1, 3, 5, 20):
+        x = rng.normal(size=(batch, 50)).astype("float32")
+        y = native.sparse_matmul(x, *operands).numpy()
+        np.testing.assert_allclose(y, x @ kernel + operands[-1], rtol=1e-5, atol=1e-5)
+    try:
+        native.sparse_matmul(np.ones((1, 50), "float32"), values, operands[1],
+                             np.full_like(operands[2], 50), None)
+    except tf.errors.InvalidArgumentError as error:
+        print("refused:", "columns must lie in [0, 50)" in str(error))
+"""
+
+
+@needs_kernel
+def test_the_portable_build_without_avx2_computes_and_checks(tmp_path):
+    # CPUs without AVX2 get the kernel's plain C++ loops and scalar loads only.
+    stdout, _ = run_python(PORTABLE_SCRIPT, KERAS_PRUNE_CACHE=str(tmp_path))
+    assert stdout.splitlines() == [
+        "('scalar',) the only loads built (no AVX2)",
+        "refused: True",
+    ]

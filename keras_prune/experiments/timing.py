@@ -17,7 +17,7 @@ def time_interleaved(
     repeats: int = 20,
     warmup: int = 2,
     number: int = 1,
-    settle: int = 0,
+    settle: float = 0.0,
 ) -> dict[str, float]:
     """Times each candidate in turn, `repeats` rounds, and returns medians.
 
@@ -34,11 +34,12 @@ def time_interleaved(
             Defaults to `2`.
         number: Calls per timing, to lift short calls above the clock's
             resolution. Defaults to `1`.
-        settle: Untimed calls of a candidate right before each of its
-            timings, so that it is timed in its own steady state (its data
-            in cache, the threads the previous candidate woke gone back to
-            sleep), as a server that runs only it would see it. Defaults to
-            `0`.
+        settle: Seconds of untimed calls of a candidate (at least one)
+            right before each of its timings, so that it is timed in its
+            own steady state (its data in cache, TensorFlow's threads and
+            allocator used to it, the previous candidate's threads asleep),
+            as a server that runs only it would see it; `0` for none.
+            Defaults to `0`.
 
     Returns:
         `{name: median seconds per call}`.
@@ -49,7 +50,7 @@ def time_interleaved(
     >>> sorted(times) == ["a"] and times["a"] > 0
     True
     """
-    if repeats < 1 or number < 1 or settle < 0:
+    if repeats < 1 or number < 1 or not settle >= 0:
         raise ValueError(
             "Expected `repeats` and `number` >= 1 and `settle` >= 0. "
             f"Received: repeats={repeats}, number={number}, settle={settle}"
@@ -64,8 +65,11 @@ def time_interleaved(
         shuffle(order)
         for name in order:
             function = candidates[name]
-            for _ in range(settle):
+            if settle > 0:
+                settled = time.perf_counter() + settle
                 function()
+                while time.perf_counter() < settled:
+                    function()
             start = time.perf_counter()
             for _ in range(number):
                 function()

@@ -38,6 +38,10 @@
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
+// The vector loops need AVX2's integer and gather instructions and FMA.
+#if defined(__AVX2__) && defined(__FMA__)
+#define KERAS_PRUNE_AVX2 1
+#endif
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -128,7 +132,7 @@ constexpr int64_t kUnitBlock = 64;
 bool ColumnsInRange(const int32_t* columns, int64_t count, int64_t input_dim) {
   uint32_t largest = 0;
   int64_t k = 0;
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
   __m256i lanes[4];
   for (__m256i& lane : lanes) lane = _mm256_setzero_si256();
   for (; k + 32 <= count; k += 32) {
@@ -152,15 +156,28 @@ bool ColumnsInRange(const int32_t* columns, int64_t count, int64_t input_dim) {
 // their nonzeros' columns lie in [0, input_dim): then the loops over those
 // nonzeros need no checks.
 bool BlockInRange(const Problem& p, int64_t first, int64_t last) {
-  if (p.row_splits[first] < 0 || p.row_splits[last] > p.nnz) return false;
-  for (int64_t unit = first; unit < last; ++unit) {
-    if (p.row_splits[unit] > p.row_splits[unit + 1]) return false;
+  const int32_t* splits = p.row_splits;
+  if (splits[first] < 0 || splits[last] > p.nnz) return false;
+  int64_t unit = first;
+#ifdef KERAS_PRUNE_AVX2
+  __m256i falls = _mm256_setzero_si256();  // lanes where a split decreases
+  for (; unit + 8 <= last; unit += 8) {
+    falls = _mm256_or_si256(
+        falls, _mm256_cmpgt_epi32(
+                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(splits + unit)),
+                   _mm256_loadu_si256(
+                       reinterpret_cast<const __m256i*>(splits + unit + 1))));
   }
-  return ColumnsInRange(p.columns + p.row_splits[first],
-                        p.row_splits[last] - p.row_splits[first], p.input_dim);
+  if (!_mm256_testz_si256(falls, falls)) return false;
+#endif
+  for (; unit < last; ++unit) {
+    if (splits[unit] > splits[unit + 1]) return false;
+  }
+  return ColumnsInRange(p.columns + splits[first], splits[last] - splits[first],
+                        p.input_dim);
 }
 
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
 inline float HorizontalSum(__m256 a) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -197,7 +214,7 @@ void GatherUnits(const Problem& p, int64_t unit_begin, int64_t unit_end) {
       int64_t k = p.row_splits[unit];
       const int64_t end = p.row_splits[unit + 1];
       float sums[Rows] = {};
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
       if (end - k >= 8) {
         __m256 vector_sums[Rows];
         for (int b = 0; b < Rows; ++b) vector_sums[b] = _mm256_setzero_ps();
@@ -234,7 +251,7 @@ GatherFunction GatherFor(int64_t rows) {
 }
 
 GatherFunction GatherFor(int64_t rows, int how) {
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
   if (how == kGatherLoads) return GatherFor<kGatherLoads>(rows);
 #endif
   return GatherFor<kScalarLoads>(rows);
@@ -301,7 +318,7 @@ void TransposeTile(const Problem& p, int64_t row_begin, float* tile) {
 template <int Tile>
 inline void AccumulateTile(const Problem& p, const float* tile, int64_t k,
                            int64_t end, float bias, float* block) {
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
   constexpr int kVectors = Tile / 8;
   __m256 even[kVectors], odd[kVectors];
   for (int v = 0; v < kVectors; ++v) {
@@ -559,7 +576,7 @@ extern "C" {
 
 // Whether the gather loads were built (the library was compiled with AVX2).
 int keras_prune_gather_loads_built() {
-#ifdef __AVX2__
+#ifdef KERAS_PRUNE_AVX2
   return 1;
 #else
   return 0;
