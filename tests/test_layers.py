@@ -378,6 +378,28 @@ def test_dense_path_fine_tunes_only_the_stored_weights():
     np.testing.assert_array_equal(to_numpy(layer.values), trained[[1, 0], [0, 1]])
 
 
+@pytest.mark.parametrize("compute", compute_paths("native", "coo", "csr"))
+def test_sparse_paths_fine_tune_as_the_dense_layer_they_replace(compute):
+    # One SGD step on the stored weights and the bias equals the same step
+    # on a Dense layer, restricted to its nonzeros.
+    kernel = np.array([[0.0, 2.0], [3.0, 0.0], [0.0, -1.0]], "float32")
+    sparse = SparseDense.from_kernel(kernel, bias=np.ones(2), compute=compute)
+    dense = keras.layers.Dense(2)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    target = np.ones((8, 2), "float32")
+    for layer in (sparse, dense):
+        model = keras.Sequential([keras.Input((3,)), layer])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        if layer is dense:
+            dense.set_weights([kernel, np.ones(2, "float32")])
+        model.train_on_batch(x, target)
+    stepped = dense.get_weights()[0]
+    np.testing.assert_allclose(
+        sparse.dense_kernel(), np.where(kernel != 0, stepped, 0), rtol=1e-5
+    )
+    np.testing.assert_allclose(to_numpy(sparse.bias), dense.get_weights()[1], rtol=1e-5)
+
+
 def test_sparse_dense_refuses_unknown_compute():
     with pytest.raises(
         ValueError,

@@ -143,6 +143,59 @@ def test_gradients_match_the_dense_product(batch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch", [1, 3, 20])
+def test_the_kernel_reads_variables_itself_and_matches_tensors(batch):
+    rng = np.random.default_rng(5)
+    kernel = ((rng.random((40, 9)) < 0.4) * rng.normal(size=(40, 9))).astype("float32")
+    operands = [*csr(kernel), tf.constant(rng.normal(size=9).astype("float32"))]
+    variables = [tf.Variable(operand) for operand in operands]
+    x = tf.constant(rng.normal(size=(batch, 40)).astype("float32"))
+
+    @tf.function
+    def product(x):
+        return native.sparse_matmul(x, *variables)
+
+    graph = product.get_concrete_function(x).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "KerasPruneCsrMatMulVariables" in ops and "ReadVariableOp" not in ops
+    expected = native.sparse_matmul(x, *operands).numpy()
+    np.testing.assert_array_equal(product(x).numpy(), expected)
+    # Gradients reach the variables, as they do through tensors.
+    upstream = rng.normal(size=(batch, 9)).astype("float32")
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(operands)
+        loss_from_variables = tf.reduce_sum(
+            native.sparse_matmul(x, *variables) * upstream
+        )
+        loss_from_tensors = tf.reduce_sum(native.sparse_matmul(x, *operands) * upstream)
+    for variable, operand in zip(variables, operands, strict=True):
+        from_variable = tape.gradient(loss_from_variables, variable)
+        from_tensor = tape.gradient(loss_from_tensors, operand)
+        if variable.dtype == tf.int32:
+            assert from_variable is None and from_tensor is None
+        else:
+            np.testing.assert_allclose(from_variable, from_tensor, rtol=1e-6)
+
+
+@needs_kernel
+def test_the_kernel_refuses_variables_of_the_wrong_dtype():
+    values, row_splits, columns = csr([[0, 2], [3, 0], [0, -1]])
+    library = native.load()
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"row_splits must be a int32 variable, got float",
+    ):
+        library.keras_prune_csr_mat_mul_variables(
+            tf.ones((1, 3)),
+            tf.Variable(values).handle,
+            tf.Variable(tf.cast(row_splits, tf.float32)).handle,
+            tf.Variable(columns).handle,
+            [],
+            units=2,
+        )
+
+
+@needs_kernel
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize(
     "row_splits, columns",

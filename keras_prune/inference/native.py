@@ -41,8 +41,17 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import keras
 import tensorflow as tf
+
+try:  # what a variable read calls (TensorFlow's, not public API)
+    from tensorflow.python.ops.resource_variable_ops import (
+        variable_accessed as _variable_accessed,
+    )
+except ImportError:  # then the kernel takes the variables' values as tensors
+    _variable_accessed = None
 
 SOURCE = Path(__file__).parent / "kernels" / "sparse_matmul.cc"
 OP_NAME = "KerasPruneCsrMatMul"
@@ -421,25 +430,30 @@ def failure() -> str | None:
 
 
 def sparse_matmul(
-    inputs: tf.Tensor,
-    values: tf.Tensor,
-    row_splits: tf.Tensor,
-    columns: tf.Tensor,
-    bias: tf.Tensor | None = None,
+    inputs: Any,
+    values: Any,
+    row_splits: Any,
+    columns: Any,
+    bias: Any = None,
 ) -> tf.Tensor:
     """`inputs @ W + bias` with the kernel, `W` given as int32 CSR of its
     transpose.
 
+    When `values`, `row_splits`, `columns` and `bias` (if any) are all
+    variables (float32, int32, int32, float32; `tf.Variable` or Keras
+    variables), the kernel reads them itself, without a `ReadVariableOp`
+    node each: at batch 1 a product takes microseconds, and each node costs
+    a fraction of one. Gradients flow to the variables either way.
+
     Args:
         inputs: float32 tensor `(batch, input_dim)`.
-        values: float32 tensor `(nnz,)`.
-        row_splits: int32 tensor `(units + 1,)`: unit `u`'s nonzeros are
-            `values[row_splits[u]:row_splits[u + 1]]`.
-        columns: int32 tensor `(nnz,)`: the input each nonzero reads.
-            `sparse_dense.csr_from_coo` makes both from COO pairs.
-        bias: float32 tensor `(units,)`, added as the outputs are written
-            (one graph node less than adding it after), or `None`. Defaults
-            to `None`.
+        values: float32 tensor or variable `(nnz,)`.
+        row_splits: int32 tensor or variable `(units + 1,)`: unit `u`'s
+            nonzeros are `values[row_splits[u]:row_splits[u + 1]]`.
+        columns: int32 tensor or variable `(nnz,)`: the input each nonzero
+            reads. `sparse_dense.csr_from_coo` makes both from COO pairs.
+        bias: float32 tensor or variable `(units,)`, added as the outputs
+            are written, or `None`. Defaults to `None`.
 
     Raises:
         RuntimeError: If the kernel is not available (see `failure()`).
@@ -458,17 +472,41 @@ def sparse_matmul(
             f"keras_prune's sparse kernel is not available: {failure()}. "
             'Use compute="coo" or "csr".'
         )
+    operands = (values, row_splits, columns) + (() if bias is None else (bias,))
+    variables = [
+        variable
+        for variable in map(_variable, operands)
+        if variable is not None and variable.shape.rank == 1
+    ]
+    dtypes = [tf.float32, tf.int32, tf.int32, tf.float32][: len(operands)]
+    if _variable_accessed is not None and [v.dtype for v in variables] == dtypes:
+        for variable in variables:
+            # What reading it would do: gradient tapes and the function
+            # being traced watch it.
+            _variable_accessed(variable)
+        return library.keras_prune_csr_mat_mul_variables(
+            inputs,
+            *(variable.handle for variable in variables[:3]),
+            [variable.handle for variable in variables[3:]],
+            units=int(row_splits.shape[0]) - 1,
+        )
     if bias is None:
         bias = tf.zeros([0])
     return library.keras_prune_csr_mat_mul(inputs, values, row_splits, columns, bias)
 
 
-@tf.RegisterGradient(OP_NAME)
-def _sparse_matmul_gradient(op, upstream):
-    """Gradients for `y = x @ W + bias`: `dx = dy @ W.T`, for each nonzero
+def _variable(operand: Any) -> tf.Variable | None:
+    """The `tf.Variable` behind `operand` (itself, or a Keras variable's),
+    or `None` for a tensor."""
+    if isinstance(operand, keras.Variable):
+        operand = operand.value
+    return operand if isinstance(operand, tf.Variable) else None
+
+
+def _gradients(inputs, values, row_splits, columns, upstream):
+    """For `y = x @ W + bias`: `dx = dy @ W.T`, for each nonzero
     `(unit, input)` the sum over rows of `dy[:, unit] * x[:, input]`, and
-    `dbias` the sum over rows of `dy` (empty for no bias)."""
-    inputs, values, row_splits, columns, bias = op.inputs
+    `dbias`, the sum over rows of `dy`."""
     units = tf.cast(tf.ragged.row_splits_to_segment_ids(row_splits), tf.int64)
     inputs_of = tf.cast(columns, tf.int64)
     transposed = tf.SparseTensor(
@@ -486,5 +524,29 @@ def _sparse_matmul_gradient(op, upstream):
         tf.gather(upstream, units, axis=1) * tf.gather(inputs, inputs_of, axis=1),
         axis=0,
     )
-    d_bias = tf.reduce_sum(upstream, axis=0)[: tf.shape(bias)[0]]
-    return d_inputs, d_values, None, None, d_bias
+    return d_inputs, d_values, tf.reduce_sum(upstream, axis=0)
+
+
+@tf.RegisterGradient(OP_NAME)
+def _sparse_matmul_gradient(op, upstream):
+    inputs, values, row_splits, columns, bias = op.inputs
+    d_inputs, d_values, d_bias = _gradients(
+        inputs, values, row_splits, columns, upstream
+    )
+    return d_inputs, d_values, None, None, d_bias[: tf.shape(bias)[0]]
+
+
+@tf.RegisterGradient(OP_NAME + "Variables")
+def _variables_gradient(op, upstream):
+    """The same gradients, for the variables the op read (the tape maps a
+    gradient for a variable's handle to the variable)."""
+    inputs, values, row_splits, columns, *bias = op.inputs
+    read = tf.raw_ops.ReadVariableOp
+    d_inputs, d_values, d_bias = _gradients(
+        inputs,
+        read(resource=values, dtype=tf.float32),
+        read(resource=row_splits, dtype=tf.int32),
+        read(resource=columns, dtype=tf.int32),
+        upstream,
+    )
+    return (d_inputs, d_values, None, None, *([d_bias] if bias else []))

@@ -467,15 +467,22 @@ class SparseDense(keras.layers.Layer):
     def call(self, inputs: Any) -> Any:
         if self.computes_dense:
             return _add_bias_and_activate(self, ops.matmul(inputs, self.kernel))
+        values, bias = self._values, self.bias
+        if self.compute_dtype != values.dtype:
+            # Mixed precision: read them cast to the compute dtype.
+            values = ops.convert_to_tensor(values)
+            bias = None if bias is None else ops.convert_to_tensor(bias)
+        # Else the variables themselves: the native kernel reads them
+        # without a graph node each.
         outputs = _sparse_ops().sparse_matmul(
             inputs,
-            self._values,
+            values,
             self.indices,
             self.input_dim,
             self.units,
             path=self.compute,
             csr=self.csr,
-            bias=self.bias,
+            bias=bias,
         )
         return outputs if self.activation is None else self.activation(outputs)
 

@@ -134,28 +134,35 @@ def sparse_matmul(
     array([[3., 2.]], dtype=float32)
     """
     inputs = tf.convert_to_tensor(inputs)
-    values = tf.convert_to_tensor(values)
-    flat = tf.cast(inputs, values.dtype)
+    dtype = tf.as_dtype(getattr(values, "dtype", None) or tf.float32)
+    flat = tf.cast(inputs, dtype)
     if inputs.shape.rank != 2:
         flat = tf.reshape(flat, [-1, input_dim])
     batch = flat.shape[0]
     if path in ("auto", "tensorflow"):
-        path = choose_path(batch, values.dtype, native_kernel=path == "auto")
+        path = choose_path(batch, dtype, native_kernel=path == "auto")
     if path == "native":
-        if values.dtype not in NATIVE_DTYPES:
+        if dtype not in NATIVE_DTYPES:
             raise ValueError(
                 'The "native" kernel computes in float32, from float32, float16 '
-                f"or bfloat16. Received: values.dtype={values.dtype.name}"
+                f"or bfloat16. Received: values.dtype={dtype.name}"
             )
         row_splits, columns = csr if csr is not None else _csr_of(indices, units)
+        # Variables go to the kernel as they are (it reads them itself);
+        # half precision is cast to float32.
         outputs = native.sparse_matmul(
             tf.cast(flat, tf.float32),
-            tf.cast(values, tf.float32),
+            values if dtype == tf.float32 else tf.cast(values, tf.float32),
             row_splits,
             columns,
-            None if bias is None else tf.cast(bias, tf.float32),
+            None
+            if bias is None
+            else bias
+            if tf.as_dtype(bias.dtype) == tf.float32
+            else tf.cast(bias, tf.float32),
         )
-        return _restore_shape(tf.cast(outputs, values.dtype), inputs, units)
+        return _restore_shape(tf.cast(outputs, dtype), inputs, units)
+    values = tf.convert_to_tensor(values)
     if values.dtype in (tf.float16, tf.bfloat16):
         # TensorFlow's CSR kernel has no half-precision version (and its COO
         # one is slow there): compute in float32 and cast back, as the

@@ -32,6 +32,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -45,6 +46,8 @@
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/util/work_sharder.h"
 
@@ -78,6 +81,30 @@ REGISTER_OP("KerasPruneCsrMatMul")
     .Doc(R"doc(
 Computes x @ W + bias for a sparse W given as int32 CSR (row_splits, columns)
 of W^T; bias has one entry per unit, or none.
+)doc");
+
+REGISTER_OP("KerasPruneCsrMatMulVariables")
+    .Input("x: float")
+    .Input("values: resource")
+    .Input("row_splits: resource")
+    .Input("columns: resource")
+    .Input("bias: has_bias * resource")
+    .Attr("has_bias: int >= 0")
+    .Attr("units: int >= 0")
+    .Output("y: float")
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+      int64_t units;
+      TF_RETURN_IF_ERROR(c->GetAttr("units", &units));
+      c->set_output(0, c->Matrix(c->Dim(x, 0), units));
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+KerasPruneCsrMatMul reading its operands straight from their variables
+(float32 values and bias, int32 row_splits and columns; bias present when
+has_bias is 1): no ReadVariableOp nodes, each of which costs a fraction of a
+microsecond, as much as a small product.
 )doc");
 
 REGISTER_OP("KerasPruneSparseMatMul")
@@ -444,10 +471,9 @@ void Multiply(OpKernelContext* context, const Problem& problem) {
   }
 }
 
-// Checks the operands' shapes and sizes and allocates y.
-absl::Status Prepare(OpKernelContext* context, int64_t units, Tensor** y) {
-  const Tensor& x = context->input(0);
-  const Tensor& values = context->input(1);
+// Checks x and values and allocates y.
+absl::Status Prepare(OpKernelContext* context, const Tensor& x,
+                     const Tensor& values, int64_t units, Tensor** y) {
   if (!TensorShapeUtils::IsMatrix(x.shape())) {
     return errors::InvalidArgument("x must be 2-D, got shape ",
                                    x.shape().DebugString());
@@ -464,6 +490,46 @@ absl::Status Prepare(OpKernelContext* context, int64_t units, Tensor** y) {
   return context->allocate_output(0, TensorShape({x.dim_size(0), units}), y);
 }
 
+// y = x @ W + bias for W as CSR (bias null for none): checks every operand,
+// then multiplies.
+absl::Status MultiplyCsr(OpKernelContext* context, const Tensor& x,
+                         const Tensor& values, const Tensor& row_splits,
+                         const Tensor& columns, const Tensor* bias) {
+  if (!TensorShapeUtils::IsVector(row_splits.shape()) ||
+      row_splits.dim_size(0) < 1) {
+    return errors::InvalidArgument(
+        "row_splits must be 1-D with units + 1 entries, got shape ",
+        row_splits.shape().DebugString());
+  }
+  const int64_t nnz = values.NumElements();
+  if (!TensorShapeUtils::IsVector(columns.shape()) || columns.dim_size(0) != nnz) {
+    return errors::InvalidArgument("columns must have shape [nnz] with nnz = ", nnz,
+                                   ", got ", columns.shape().DebugString());
+  }
+  const int64_t units = row_splits.dim_size(0) - 1;
+  if (bias != nullptr && bias->dim_size(0) == 0) bias = nullptr;
+  if (bias != nullptr && (!TensorShapeUtils::IsVector(bias->shape()) ||
+                          bias->dim_size(0) != units)) {
+    return errors::InvalidArgument("bias must have shape [units] with units = ",
+                                   units, ", or [0], got ",
+                                   bias->shape().DebugString());
+  }
+  Tensor* y = nullptr;
+  TF_RETURN_IF_ERROR(Prepare(context, x, values, units, &y));
+  std::atomic<bool> bad_entry(false);
+  Multiply(context, {x.flat<float>().data(), values.flat<float>().data(),
+                     row_splits.flat<int32_t>().data(), columns.flat<int32_t>().data(),
+                     bias == nullptr ? nullptr : bias->flat<float>().data(),
+                     x.dim_size(0), x.dim_size(1), units, nnz,
+                     y->flat<float>().data(), &bad_entry});
+  if (bad_entry) {
+    return errors::InvalidArgument("row_splits must rise from 0 to at most nnz = ",
+                                   nnz, ", and columns must lie in [0, ",
+                                   x.dim_size(1), ")");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 class CsrMatMulOp : public OpKernel {
@@ -471,42 +537,57 @@ class CsrMatMulOp : public OpKernel {
   explicit CsrMatMulOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& row_splits = context->input(2);
-    const Tensor& columns = context->input(3);
-    OP_REQUIRES(context,
-                TensorShapeUtils::IsVector(row_splits.shape()) &&
-                    row_splits.dim_size(0) >= 1,
-                errors::InvalidArgument("row_splits must be 1-D with units + 1 "
-                                        "entries, got shape ",
-                                        row_splits.shape().DebugString()));
-    const int64_t nnz = context->input(1).NumElements();
-    OP_REQUIRES(context,
-                TensorShapeUtils::IsVector(columns.shape()) &&
-                    columns.dim_size(0) == nnz,
-                errors::InvalidArgument("columns must have shape [nnz] with nnz = ",
-                                        nnz, ", got ",
-                                        columns.shape().DebugString()));
-    const int64_t units = row_splits.dim_size(0) - 1;
     const Tensor& bias = context->input(4);
-    OP_REQUIRES(context,
-                TensorShapeUtils::IsVector(bias.shape()) &&
-                    (bias.dim_size(0) == units || bias.dim_size(0) == 0),
-                errors::InvalidArgument("bias must have shape [units] with units = ",
-                                        units, ", or [0], got ",
+    OP_REQUIRES(context, TensorShapeUtils::IsVector(bias.shape()),
+                errors::InvalidArgument("bias must be 1-D, got shape ",
                                         bias.shape().DebugString()));
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, Prepare(context, units, &y));
-    const Tensor& x = context->input(0);
-    std::atomic<bool> bad_entry(false);
-    Multiply(context, {x.flat<float>().data(), context->input(1).flat<float>().data(),
-                       row_splits.flat<int32_t>().data(), columns.flat<int32_t>().data(),
-                       bias.dim_size(0) == 0 ? nullptr : bias.flat<float>().data(),
-                       x.dim_size(0), x.dim_size(1), units, nnz,
-                       y->flat<float>().data(), &bad_entry});
-    OP_REQUIRES(context, !bad_entry,
-                errors::InvalidArgument(
-                    "row_splits must rise from 0 to at most nnz = ", nnz,
-                    ", and columns must lie in [0, ", x.dim_size(1), ")"));
+    OP_REQUIRES_OK(context, MultiplyCsr(context, context->input(0), context->input(1),
+                                        context->input(2), context->input(3), &bias));
+  }
+};
+
+// The same, reading the operands from their variables under shared locks
+// (so that an assignment cannot change them halfway through a product).
+class CsrMatMulVariablesOp : public OpKernel {
+ public:
+  explicit CsrMatMulVariablesOp(OpKernelConstruction* context)
+      : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const int count = context->num_inputs() - 1;  // 3, or 4 with a bias
+    tensorflow::core::RefCountPtr<tensorflow::Var> variables[4];
+    for (int i = 0; i < count; ++i) {
+      OP_REQUIRES_OK(context, tensorflow::LookupResource(
+                                  context, tensorflow::HandleFromInput(context, i + 1),
+                                  &variables[i]));
+    }
+    const tensorflow::DataType expected[4] = {
+        tensorflow::DT_FLOAT, tensorflow::DT_INT32, tensorflow::DT_INT32,
+        tensorflow::DT_FLOAT};
+    const char* names[4] = {"values", "row_splits", "columns", "bias"};
+    for (int i = 0; i < count; ++i) {
+      OP_REQUIRES(context, variables[i]->is_initialized,
+                  errors::FailedPrecondition(names[i], " is not initialized"));
+      OP_REQUIRES(context, variables[i]->tensor()->dtype() == expected[i],
+                  errors::InvalidArgument(
+                      names[i], " must be a ", tensorflow::DataTypeString(expected[i]),
+                      " variable, got ",
+                      tensorflow::DataTypeString(variables[i]->tensor()->dtype())));
+    }
+    // Locks taken in input order; readers only, so they cannot deadlock
+    // with each other (a writer takes one variable's lock at a time).
+    tensorflow::tf_shared_lock values_lock(*variables[0]->mu());
+    tensorflow::tf_shared_lock row_splits_lock(*variables[1]->mu());
+    tensorflow::tf_shared_lock columns_lock(*variables[2]->mu());
+    const Tensor* bias = nullptr;
+    std::unique_ptr<tensorflow::tf_shared_lock> bias_lock;
+    if (count == 4) {
+      bias_lock = std::make_unique<tensorflow::tf_shared_lock>(*variables[3]->mu());
+      bias = variables[3]->tensor();
+    }
+    OP_REQUIRES_OK(context,
+                   MultiplyCsr(context, context->input(0), *variables[0]->tensor(),
+                               *variables[1]->tensor(), *variables[2]->tensor(), bias));
   }
 };
 
@@ -527,9 +608,9 @@ class SparseMatMulOp : public OpKernel {
             indices.dim_size(0) == nnz && indices.dim_size(1) == 2,
         errors::InvalidArgument("indices must have shape [nnz, 2] with nnz = ",
                                 nnz, ", got ", indices.shape().DebugString()));
-    Tensor* y = nullptr;
-    OP_REQUIRES_OK(context, Prepare(context, units_, &y));
     const Tensor& x = context->input(0);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(context, Prepare(context, x, context->input(1), units_, &y));
     const int64_t input_dim = x.dim_size(1);
     const int64_t* pairs = indices.flat<int64_t>().data();
     thread_local std::vector<int32_t> row_splits, columns;
@@ -564,6 +645,9 @@ class SparseMatMulOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(
     Name("KerasPruneCsrMatMul").Device(::tensorflow::DEVICE_CPU), CsrMatMulOp);
+REGISTER_KERNEL_BUILDER(
+    Name("KerasPruneCsrMatMulVariables").Device(::tensorflow::DEVICE_CPU),
+    CsrMatMulVariablesOp);
 REGISTER_KERNEL_BUILDER(
     Name("KerasPruneSparseMatMul").Device(::tensorflow::DEVICE_CPU),
     SparseMatMulOp);
