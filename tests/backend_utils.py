@@ -21,6 +21,15 @@ same_without_native_kernel = pytest.mark.skipif(
     reason="runs no sparse kernel: the run with the native kernel covers it",
 )
 
+# End-to-end runs of a minute or more (the notebook, a stopped and resumed
+# job, the deployment benchmark): the run with the native kernel off would
+# repeat them for little, since what it changes, TensorFlow's own sparse
+# kernels, it tests layer by layer (and the quick MNIST job still runs).
+end_to_end_once = pytest.mark.skipif(
+    os.environ.get("KERAS_PRUNE_NATIVE") == "0",
+    reason="end-to-end run: the run with the native kernel covers it",
+)
+
 
 def to_numpy(x):
     return np.array(keras.ops.convert_to_numpy(x))

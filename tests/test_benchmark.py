@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from tests.backend_utils import same_without_native_kernel
+from tests.backend_utils import end_to_end_once, same_without_native_kernel
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -27,8 +27,16 @@ def test_benchmark_runs_and_prints_its_tables():
     assert "| 64x32 (dense) | 1 | 1 |" in out  # computes dense above the crossover
     assert "| 64x32 (dense) | 0.01 | 32 |" in out  # and below 100k weights
     assert "## Whole model" in out and "one compiled call on all images" in out
+    # Where the kernel is built: its plan, and both loads timed next to scipy.
+    from keras_prune.inference import native
+
+    assert ("## Small batches: the native kernel's loads" in out) == native.available()
+    if native.available():
+        assert f"native kernel: yes, {native.plan().loads} loads" in out
+        assert "| 64x32 | 0.01 | 1 |" in out
 
 
+@end_to_end_once
 def test_deploy_benchmark_runs_and_prints_every_format():
     out = quick_run("deploy.py", 2)
     assert out.startswith("# Deployment benchmark")

@@ -14,6 +14,7 @@ import pytest
 from keras_prune.cli import main
 from keras_prune.experiments.data import load_mnist
 from keras_prune.experiments.mnist import kept_ladder, seed_convnet, split_ladder
+from tests.backend_utils import end_to_end_once
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                      "mnist.npz")  # fmt: skip
@@ -161,6 +162,7 @@ def test_quick_run_writes_a_sane_report_csv_and_plot(quick_run):
                                                        "masked-9.keras"]  # fmt: skip
 
 
+@end_to_end_once
 def test_stopped_run_leaves_a_report_and_resumes_to_the_same_table(quick_run, tmp_path):
     out = tmp_path / "run"
     process = keras_prune_mnist("--data", MNIST, "--out", str(out))

@@ -2,12 +2,14 @@ import os
 
 import pytest
 
+from tests.backend_utils import end_to_end_once
 from tests.test_mnist import MNIST
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks",
                         "mnist_iterative_pruning.ipynb")  # fmt: skip
 
 
+@end_to_end_once
 def test_notebook_runs_end_to_end_in_quick_mode(monkeypatch):
     if not os.path.isfile(MNIST):
         pytest.skip(f"needs the shared MNIST file at {MNIST}")

@@ -62,6 +62,16 @@ using ::tensorflow::TensorShapeUtils;
 namespace errors = ::tensorflow::errors;
 namespace shape_inference = ::tensorflow::shape_inference;
 
+// Shape function of the ops with a `units` attribute: y is (rows of x, units).
+absl::Status RowsByUnits(shape_inference::InferenceContext* c) {
+  shape_inference::ShapeHandle x;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+  int64_t units;
+  TF_RETURN_IF_ERROR(c->GetAttr("units", &units));
+  c->set_output(0, c->Matrix(c->Dim(x, 0), units));
+  return absl::OkStatus();
+}
+
 REGISTER_OP("KerasPruneCsrMatMul")
     .Input("x: float")
     .Input("values: float")
@@ -92,14 +102,7 @@ REGISTER_OP("KerasPruneCsrMatMulVariables")
     .Attr("has_bias: int >= 0")
     .Attr("units: int >= 0")
     .Output("y: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      shape_inference::ShapeHandle x;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
-      int64_t units;
-      TF_RETURN_IF_ERROR(c->GetAttr("units", &units));
-      c->set_output(0, c->Matrix(c->Dim(x, 0), units));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(RowsByUnits)
     .Doc(R"doc(
 KerasPruneCsrMatMul reading its operands straight from their variables
 (float32 values and bias, int32 row_splits and columns; bias present when
@@ -113,14 +116,7 @@ REGISTER_OP("KerasPruneSparseMatMul")
     .Input("indices: int64")
     .Attr("units: int >= 0")
     .Output("y: float")
-    .SetShapeFn([](shape_inference::InferenceContext* c) {
-      shape_inference::ShapeHandle x;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
-      int64_t units;
-      TF_RETURN_IF_ERROR(c->GetAttr("units", &units));
-      c->set_output(0, c->Matrix(c->Dim(x, 0), units));
-      return absl::OkStatus();
-    })
+    .SetShapeFn(RowsByUnits)
     .Doc(R"doc(
 Computes x @ W for a sparse W given as sorted (unit, input) COO pairs of W^T
 (keras_prune 0.2's op, kept for its SavedModels).
