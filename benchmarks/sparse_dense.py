@@ -124,8 +124,12 @@ def measure_layers(shapes, densities, batches, repeats):
                 chain = SMALL_BATCH_CHAIN if batch <= native.SMALL_BATCH else CHAIN
                 x = tf.constant(rng.normal(size=(batch, shape[0])).astype("float32"))
                 timers = {}
+                native_timers = {}
                 for name, model in candidates.items():
-                    timers.update(op_timers(name, model, chain, x))
+                    ops = op_timers(name, model, chain, x)
+                    timers.update(ops)
+                    if name == "native":
+                        native_timers = ops
                     call = tf.function(model)
                     timers[f"{name}/call"] = lambda f=call, x=x: [
                         f(x).numpy() for _ in range(CALLS)
@@ -136,8 +140,8 @@ def measure_layers(shapes, densities, batches, repeats):
                 timers = {
                     name: with_loads(None, timer) for name, timer in timers.items()
                 }
-                if "native" in candidates and batch <= native.SMALL_BATCH:
-                    native_timers = op_timers("native", candidates["native"], chain, x)
+                if native_timers and batch <= native.SMALL_BATCH:
+                    # The native candidate's chains again, loads forced.
                     for loads in native.plan().built:
                         for key, timer in native_timers.items():
                             timers[key.replace("native", loads)] = with_loads(

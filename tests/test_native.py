@@ -178,6 +178,20 @@ def test_the_kernel_reads_variables_itself_and_matches_tensors(batch):
 
 
 @needs_kernel
+def test_the_kernel_refuses_a_bias_variable_that_is_not_one_per_unit():
+    values, row_splits, columns = csr([[0, 2], [3, 0], [0, -1]])
+    handles = [tf.Variable(operand).handle for operand in (values, row_splits, columns)]
+    for bias in (tf.Variable(1.0), tf.Variable([1.0, 2.0, 3.0])):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError,
+            match=r"bias must have shape \[units\] with units = 2, or \[0\]",
+        ):
+            native.load().keras_prune_csr_mat_mul_variables(
+                tf.ones((1, 3)), *handles, [bias.handle], units=2
+            )
+
+
+@needs_kernel
 def test_the_kernel_refuses_variables_of_the_wrong_dtype():
     values, row_splits, columns = csr([[0, 2], [3, 0], [0, -1]])
     library = native.load()

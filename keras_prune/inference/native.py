@@ -31,6 +31,7 @@ SavedModel that plain TensorFlow serves.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -86,8 +87,10 @@ def cache_dir() -> Path:
     return Path(base) / "keras_prune"
 
 
+@functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (Linux), else `{}`."""
+    """The first processor's fields of /proc/cpuinfo (Linux), else `{}`;
+    read once a process."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -272,9 +275,12 @@ def plan_path() -> Path:
     >>> plan_path().name.startswith(library_path().stem)
     True
     """
+    return _plan_path(library_path())
+
+
+def _plan_path(library: Path) -> Path:
     cpu = hashlib.sha256(_cpuinfo().get("flags", "").encode())
     cpu.update(cpu_description().encode())
-    library = library_path()
     return library.with_name(f"{library.stem}-{cpu.hexdigest()[:12]}.plan.json")
 
 
@@ -320,7 +326,8 @@ def _start_plan(library: Path) -> None:
             f"this build of the kernel has). Received: KERAS_PRUNE_LOADS={forced!r}"
         )
     _functions = functions
-    path = plan_path()
+    path = _plan_path(library)
+    cpu = cpu_description()
     try:
         cached = json.loads(path.read_text())
         timings = {name: float(cached["timings"][name]) for name in built}
@@ -328,13 +335,10 @@ def _start_plan(library: Path) -> None:
         timings = _measure(functions, built)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         try:  # a read-only cache only costs measuring again next time
-            partial.write_text(
-                json.dumps({"cpu": cpu_description(), "timings": timings})
-            )
+            partial.write_text(json.dumps({"cpu": cpu, "timings": timings}))
             os.replace(partial, path)
         except OSError:
             pass
-    cpu = cpu_description()
     if len(built) == 1:
         _measured = Plan(
             "scalar", "the only loads built (no AVX2)", built, timings, cpu
@@ -342,7 +346,14 @@ def _start_plan(library: Path) -> None:
     else:
         fastest = min(built, key=timings.__getitem__)
         _measured = Plan(fastest, "measurement", built, timings, cpu)
-    _apply(_measured if forced is None else _forced(forced, "KERAS_PRUNE_LOADS"))
+    _apply(_chosen_at_load())
+
+
+def _chosen_at_load() -> Plan:
+    """The measured plan, or the loads `KERAS_PRUNE_LOADS` forces."""
+    forced = os.environ.get("KERAS_PRUNE_LOADS")
+    assert _measured is not None
+    return _measured if forced is None else _forced(forced, "KERAS_PRUNE_LOADS")
 
 
 def _forced(loads: str, by: str) -> Plan:
@@ -393,9 +404,7 @@ def set_loads(loads: str | None) -> None:
     if current is None:
         raise RuntimeError(f"keras_prune's sparse kernel is not available: {failure()}")
     if loads is None:
-        forced = os.environ.get("KERAS_PRUNE_LOADS")
-        assert _measured is not None
-        _apply(_measured if forced is None else _forced(forced, "KERAS_PRUNE_LOADS"))
+        _apply(_chosen_at_load())
     elif loads in current.built:
         _apply(_forced(loads, "set_loads"))
     else:

@@ -152,14 +152,10 @@ def sparse_matmul(
         # half precision is cast to float32.
         outputs = native.sparse_matmul(
             tf.cast(flat, tf.float32),
-            values if dtype == tf.float32 else tf.cast(values, tf.float32),
+            _float32(values),
             row_splits,
             columns,
-            None
-            if bias is None
-            else bias
-            if tf.as_dtype(bias.dtype) == tf.float32
-            else tf.cast(bias, tf.float32),
+            None if bias is None else _float32(bias),
         )
         return _restore_shape(tf.cast(outputs, dtype), inputs, units)
     values = tf.convert_to_tensor(values)
@@ -191,6 +187,14 @@ def sparse_matmul(
     if bias is not None:
         outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
     return _restore_shape(outputs, inputs, units)
+
+
+def _float32(operand: Any) -> Any:
+    """`operand` as it is when float32 (a variable stays a variable, which
+    the native kernel reads itself), else cast to float32."""
+    if tf.as_dtype(operand.dtype) == tf.float32:
+        return operand
+    return tf.cast(operand, tf.float32)
 
 
 def _csr_of(indices: Any, units: int) -> tuple[tf.Tensor, tf.Tensor]:

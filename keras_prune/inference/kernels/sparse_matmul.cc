@@ -503,12 +503,14 @@ absl::Status MultiplyCsr(OpKernelContext* context, const Tensor& x,
                                    ", got ", columns.shape().DebugString());
   }
   const int64_t units = row_splits.dim_size(0) - 1;
-  if (bias != nullptr && bias->dim_size(0) == 0) bias = nullptr;
-  if (bias != nullptr && (!TensorShapeUtils::IsVector(bias->shape()) ||
-                          bias->dim_size(0) != units)) {
-    return errors::InvalidArgument("bias must have shape [units] with units = ",
-                                   units, ", or [0], got ",
-                                   bias->shape().DebugString());
+  if (bias != nullptr) {
+    if (!TensorShapeUtils::IsVector(bias->shape()) ||
+        (bias->dim_size(0) != units && bias->dim_size(0) != 0)) {
+      return errors::InvalidArgument("bias must have shape [units] with units = ",
+                                     units, ", or [0], got ",
+                                     bias->shape().DebugString());
+    }
+    if (bias->dim_size(0) == 0) bias = nullptr;
   }
   Tensor* y = nullptr;
   TF_RETURN_IF_ERROR(Prepare(context, x, values, units, &y));
@@ -533,12 +535,9 @@ class CsrMatMulOp : public OpKernel {
   explicit CsrMatMulOp(OpKernelConstruction* context) : OpKernel(context) {}
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& bias = context->input(4);
-    OP_REQUIRES(context, TensorShapeUtils::IsVector(bias.shape()),
-                errors::InvalidArgument("bias must be 1-D, got shape ",
-                                        bias.shape().DebugString()));
     OP_REQUIRES_OK(context, MultiplyCsr(context, context->input(0), context->input(1),
-                                        context->input(2), context->input(3), &bias));
+                                        context->input(2), context->input(3),
+                                        &context->input(4)));
   }
 };
 
@@ -671,8 +670,6 @@ void keras_prune_set_loads(int how) {
                            ? keras_prune::kGatherLoads
                            : keras_prune::kScalarLoads;
 }
-
-int keras_prune_get_loads() { return keras_prune::loads.load(); }
 
 // The fastest of `repeats` matrix-vector products, in nanoseconds, of a
 // random (input_dim x units) matrix with each weight kept with probability
