@@ -38,6 +38,7 @@ if _keras_error is None:
         make_prunable,
         strip_pruning,
     )
+    from keras_prune.guard import AccuracyGuard, GuardEvent
     from keras_prune.inference.sparse_dense import SparseDense
     from keras_prune.litert import LiteRTReport, LiteRTWeight, export_litert
     from keras_prune.masking import (
@@ -48,7 +49,11 @@ if _keras_error is None:
         masked_class,
         masked_layers,
     )
-    from keras_prune.masks import global_magnitude_masks, magnitude_mask
+    from keras_prune.masks import (
+        global_magnitude_masks,
+        magnitude_mask,
+        std_threshold_mask,
+    )
     from keras_prune.schedules import (
         ConstantSchedule,
         GeometricSchedule,
@@ -83,6 +88,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "PRUNABLE_WEIGHTS",
+    "AccuracyGuard",
     "ConstantSchedule",
     "ChannelGraph",
     "CompactStorage",
@@ -90,6 +96,7 @@ __all__ = [
     "ConversionReport",
     "DropoutScalingCallback",
     "GeometricSchedule",
+    "GuardEvent",
     "IterativePruningCallback",
     "LayerShrink",
     "LayerSparsity",
@@ -117,5 +124,6 @@ __all__ = [
     "shrink",
     "shrink_summary",
     "sparsity_summary",
+    "std_threshold_mask",
     "strip_pruning",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_prune.channels import ChannelGraph
+from keras_prune.guard import AccuracyGuard, GuardEvent, Snapshot
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedDense,
     MaskedLayer,
@@ -24,8 +25,10 @@ from keras_prune.masks import (
     global_magnitude_masks,
     magnitude_mask,
     pruned_count,
+    std_threshold_mask,
     validate_granularity,
     validate_norm,
+    validate_quality,
     validate_sparsity,
 )
 from keras_prune.schedules import (
@@ -123,6 +126,17 @@ class IterativePruningCallback(keras.callbacks.Callback):
     `TensorBoard(histogram_freq=1)` adds weight histograms, pruned weights
     at zero).
 
+    Instead of a sparsity, a cut can follow Han et al.'s threshold: with
+    `quality`, each cut prunes the live weights of a layer whose magnitude is
+    below `quality` times the standard deviation of its live weights
+    (`masks.std_threshold_mask`), so layers lose weights by how their
+    weights spread, not by a fraction set in advance.
+
+    With `guard=AccuracyGuard(...)`, a cut that costs more than a tolerated
+    drop of a validation metric is undone after its retraining (weights,
+    masks and optimizer state put back) and retried with half the step, or
+    training stops: see `AccuracyGuard`.
+
     In a custom training loop, drive it by hand: `callback.set_model(model)`,
     `callback.set_params({"epochs": epochs})`, `callback.on_train_begin()`,
     then per epoch `callback.on_epoch_begin(epoch)` before its steps (and,
@@ -190,6 +204,17 @@ class IterativePruningCallback(keras.callbacks.Callback):
         norm: How `granularity="unit"` measures a unit: `"l1"` (the mean
             |weight| of its kernel column, Li et al. 2017) or `"l2"` (their
             root mean square). Defaults to `"l1"`.
+        quality: Han's threshold instead of a sparsity schedule: a number
+            (standard deviations, >= 0) used at every cut, a list giving
+            the quality of each cut in turn (the last one repeated: a
+            schedule that raises it), or a dict `{layer name: number or
+            list}` to give layers their own (layers not named are not
+            pruned; a sensitivity scan's `qualities` makes one). Cuts happen
+            every `frequency` epochs (steps) from `begin_epoch` to
+            `end_epoch`. Takes no `final_sparsity` or schedule; needs
+            `scope="layer"` and `granularity="weight"`. Defaults to `None`.
+        guard: An `AccuracyGuard`, or `None` for no guard. Needs
+            `unit="epoch"`. Defaults to `None`.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
@@ -222,6 +247,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         unit: str = "epoch",
         granularity: str | tuple[int, int] = "weight",
         norm: str = "l1",
+        quality: float | list[float] | dict[str, float | list[float]] | None = None,
+        guard: AccuracyGuard | None = None,
     ):
         super().__init__()
         self.units = isinstance(granularity, str) and granularity == "unit"
@@ -277,7 +304,24 @@ class IterativePruningCallback(keras.callbacks.Callback):
                     "Expected `min_kept` <= `max_kept`. Received: "
                     f"min_kept={min_kept!r}, max_kept={max_kept!r}"
                 )
-        if isinstance(schedule, str):
+        self.quality = quality
+        self._qualities = self._validate_quality(
+            quality, final_sparsity, schedule, scope, granularity
+        )
+        if guard is not None and not isinstance(guard, AccuracyGuard):
+            raise ValueError(
+                f"Expected `guard` to be an AccuracyGuard or None. Received: "
+                f"guard={guard!r}"
+            )
+        if guard is not None and unit != "epoch":
+            raise ValueError(
+                "The guard judges validation metrics, logged per epoch: it needs "
+                f'unit="epoch". Received: unit={unit!r}'
+            )
+        self.guard = guard
+        if quality is not None:
+            pass  # the qualities are the schedule
+        elif isinstance(schedule, str):
             if schedule not in SCHEDULES:
                 raise ValueError(
                     f"Expected `schedule` to be one of {sorted(SCHEDULES)}, a "
@@ -326,6 +370,68 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._first_epoch = 0
         self._epoch = 0
         self._started = False
+        # Han's threshold: {layer label: quality per cut}, and the position
+        # of each layer's last cut.
+        self.layer_qualities: dict[str, list[float]] = {}
+        self._quality_cut: dict[str, int] = {}
+        self._quality_end = 0
+        # The guard's state (see `AccuracyGuard`): the last kept state and
+        # its best value, whether a cut awaits judgement, and how far a
+        # retry has moved the schedules (`_delay`) and scaled the step.
+        self.guard_events: list[GuardEvent] = []
+        self._kept: Snapshot | None = None
+        self._best: float | None = None
+        self._pending = False
+        self._last_cut = 0
+        self._delay = 0
+        self._scale = 1.0
+        self._failures = 0
+        self._stopped = False
+        self._last_value: tuple[int, float] | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the guard stopped pruning (`AccuracyGuard(on_drop=
+        "stop")`, or retries used up): later epochs and `fit` calls train
+        without cutting."""
+        return self._stopped
+
+    @staticmethod
+    def _validate_quality(
+        quality: Any, final_sparsity: Any, schedule: Any, scope: str, granularity: Any
+    ) -> dict[str | None, list[float]] | None:
+        """`quality` as `{layer name (None: every layer): qualities per
+        cut}`, checked; `None` without it."""
+        if quality is None:
+            return None
+        if final_sparsity is not None or schedule != "polynomial":
+            raise ValueError(
+                "`quality` sets each cut's threshold (Han et al.): it takes no "
+                "`final_sparsity` or schedule. Received: "
+                f"final_sparsity={final_sparsity!r}, schedule={schedule!r}"
+            )
+        if scope != "layer" or granularity != "weight":
+            raise ValueError(
+                "`quality` prunes single weights layer by layer: it needs "
+                'scope="layer" and granularity="weight". Received: '
+                f"scope={scope!r}, granularity={granularity!r}"
+            )
+        items = quality.items() if isinstance(quality, dict) else [(None, quality)]
+        checked: dict[str | None, list[float]] = {}
+        for name, value in items:
+            label = "quality" if name is None else f"quality[{name!r}]"
+            if isinstance(value, list | tuple):
+                if not value:
+                    raise ValueError(
+                        f"Expected `{label}` to hold at least one quality. "
+                        f"Received: {label}={value!r}"
+                    )
+                checked[name] = [
+                    validate_quality(q, f"{label}[{i}]") for i, q in enumerate(value)
+                ]
+            else:
+                checked[name] = [validate_quality(value, label)]
+        return checked
 
     @staticmethod
     def _validate_fractions(value: Any, name: str) -> Any:
@@ -432,6 +538,23 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
         return wanted
 
+    def _resolve_qualities(self) -> dict[str, list[float]]:
+        """Maps each pruned layer's name to its quality per cut, and sets
+        the position of the last cut for this `fit`."""
+        assert self._qualities is not None
+        last = self._last_position()
+        self._quality_end = last if self.end_epoch is None else self.end_epoch
+        names = [label for label, _ in self._labelled()]
+        if None in self._qualities:
+            return dict.fromkeys(names, self._qualities[None])
+        unknown = sorted(str(name) for name in set(self._qualities) - set(names))
+        if unknown:
+            raise ValueError(
+                f"Expected the keys of `quality` to name masked layers of the "
+                f"model ({names}). Received: {unknown}"
+            )
+        return {str(name): value for name, value in self._qualities.items()}
+
     def _labelled(self) -> list[tuple[str, Any]]:
         """`(label, layer)` per built masked layer: its name, or its path in
         the model where names repeat (see `layer_labels`)."""
@@ -461,6 +584,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         layer.prune_to(new_masks, optimizer=getattr(self.model, "optimizer", None))
         for key, mask in new_masks.items():
             self._cut_masks[(id(layer), key)] = mask != 0
+        self._pending = True
+        self._last_cut = self._epoch
 
     def _smallest_kept(self, layer: Any, new_masks: dict[str, np.ndarray]) -> float:
         """The smallest magnitude (of a weight, or a block's mean) that the
@@ -485,34 +610,111 @@ class IterativePruningCallback(keras.callbacks.Callback):
             )
 
     def _cut(self, position: int) -> None:
-        """Prunes every layer to its schedule's sparsity at `position`."""
+        """Prunes every layer to its target at `position` (its schedule's
+        sparsity, or its quality), unless the guard stopped pruning."""
+        if self._stopped:
+            return
+        position -= self._delay
+        if self._qualities is not None:
+            self._cut_quality(position)
+            return
+        due = {
+            key: target
+            for key, target in self._targets(position).items()
+            if target > self._applied.get(key, -1.0)
+        }
+        if not due:
+            return
+        self._sync_backend_state()
+        self._applied.update(due)
         if self.units:
-            self._cut_units(position)
-            return
+            self._cut_units(due)
+        elif self.scope == "global":
+            self._cut_global(due[None])
+        else:
+            layers: dict[str | None, Any] = dict(self._labelled())
+            for label, target in due.items():
+                layer = layers[label]
+                for key, mask in layer.masks.items():
+                    self._warn_if_full(layer, key, target, math.prod(mask.shape))
+                changed = _magnitude_cut(layer, target, self.block)
+                if changed:
+                    self._apply(layer, changed, self._smallest_kept(layer, changed))
+
+    def _targets(self, position: int) -> dict[str | None, float]:
+        """Each schedule's sparsity at `position`, by what it prunes: a
+        layer's label, `None` for all layers together, or a set of coupled
+        layers (`_set_key`); on a retry, that much closer to the kept
+        state's."""
+        targets: dict[str | None, float]
         if self.scope == "global":
-            target = self.layer_schedules[None](position)
-            if target <= self._applied.get(None, -1.0):
-                return
-            self._sync_backend_state()
-            self._applied[None] = target
-            self._cut_global(target)
+            targets = {None: self.layer_schedules[None](position)}
+        elif self.units:
+            targets = {
+                _set_key(names): self._unit_target(names, position)
+                for names, _ in self._unit_sets
+            }
+        else:
+            targets = {
+                label: schedule(position)
+                for label, schedule in self.layer_schedules.items()
+            }
+        if self._scale == 1.0 or self._kept is None:
+            return targets
+        before = self._kept.extra["applied"]
+        halved: dict[str | None, float] = {}
+        for key, target in targets.items():
+            base = max(before.get(key, 0.0), 0.0)
+            halved[key] = (
+                base + (target - base) * self._scale if target > base else target
+            )
+        return halved
+
+    def _cut_quality(self, position: int) -> None:
+        """Han's threshold: at each cut position, prunes each layer's live
+        weights below its quality times their standard deviation."""
+        begin, every = self.begin_epoch, self.frequency
+        if not begin <= position <= self._quality_end or (position - begin) % every:
             return
-        due = []
-        for label, layer in self._labelled():
-            schedule = self.layer_schedules.get(label)
-            if schedule is not None:
-                target = schedule(position)
-                if target > self._applied.get(label, -1.0):
-                    due.append((label, layer, target))
+        index = (position - begin) // every
+        due = [
+            (label, layer)
+            for label, layer in self._labelled()
+            if label in self.layer_qualities
+            and self._quality_cut.get(label, -1) < position
+        ]
         if due:
             self._sync_backend_state()
-        for label, layer, target in due:
-            self._applied[label] = target
-            for key, mask in layer.masks.items():
-                self._warn_if_full(layer, key, target, math.prod(mask.shape))
-            changed = _magnitude_cut(layer, target, self.block)
+        for label, layer in due:
+            self._quality_cut[label] = position
+            qualities = self.layer_qualities[label]
+            quality = qualities[min(index, len(qualities) - 1)] * self._scale
+            changed = {}
+            for key, variable in layer.prunable_weights.items():
+                mask = ops.convert_to_numpy(layer.masks[key])
+                new, _ = std_threshold_mask(
+                    _finite(layer, key, variable), mask, quality
+                )
+                if np.count_nonzero(new) < np.count_nonzero(mask):
+                    changed[key] = new
             if changed:
                 self._apply(layer, changed, self._smallest_kept(layer, changed))
+
+    def _cut_due(self, position: int) -> bool:
+        """Whether a cut that prunes something may happen at `position`."""
+        if self._stopped:
+            return False
+        position -= self._delay
+        if self._qualities is not None:
+            begin = self.begin_epoch
+            return (
+                begin <= position <= self._quality_end
+                and (position - begin) % self.frequency == 0
+            )
+        return any(
+            target > max(self._applied.get(key, 0.0), 0.0)
+            for key, target in self._targets(position).items()
+        )
 
     def _cut_global(self, sparsity: float) -> None:
         entries = list(iter_masked_weights(self.model))
@@ -572,29 +774,20 @@ class IterativePruningCallback(keras.callbacks.Callback):
             for name in names
         )
 
-    def _cut_units(self, position: int) -> None:
-        """Prunes whole units (and the rows that read them) to the schedule:
-        per set of coupled layers, or globally."""
+    def _cut_units(self, targets: dict[str | None, float]) -> None:
+        """Prunes whole units (and the rows that read them) to `targets`,
+        by set of coupled layers (`_set_key`) or globally (`None`)."""
         graph = self._channels
         assert graph is not None
-        sets = self._unit_sets
-        if self.scope == "global":
-            target = self.layer_schedules[None](position)
-            if target <= self._applied.get(None, -1.0):
-                return
-            self._applied[None] = target
-            due = [(names, groups, target) for names, groups in sets]
-        else:
-            due = []
-            for names, groups in sets:
-                target = self._unit_target(names, position)
-                key = "units of " + "+".join(names)
-                if target > self._applied.get(key, -1.0):
-                    self._applied[key] = target
-                    due.append((names, groups, target))
-        if not due:
-            return
-        self._sync_backend_state()
+        due = [
+            (
+                names,
+                groups,
+                targets[None if self.scope == "global" else _set_key(names)],
+            )
+            for names, groups in self._unit_sets
+            if self.scope == "global" or _set_key(names) in targets
+        ]
         sets = [(names, groups) for names, groups, _ in due]
         pruned, thresholds = select_units(
             graph,
@@ -693,6 +886,104 @@ class IterativePruningCallback(keras.callbacks.Callback):
         for layer in self.layers:
             layer._built_masks().zero_pruned()
 
+    # --- the guard ----------------------------------------------------
+    def _keep(self) -> None:
+        """Snapshots the model and the cut state, to restore on a drop."""
+        self._sync_backend_state()
+        self._kept = Snapshot.take(
+            self.model,
+            {
+                "applied": dict(self._applied),
+                "cut_masks": dict(self._cut_masks),
+                "thresholds": dict(self._thresholds),
+                "quality_cut": dict(self._quality_cut),
+            },
+        )
+
+    def _restore_kept(self) -> None:
+        assert self._kept is not None
+        self._sync_backend_state()
+        self._kept.restore(self.model)
+        extra = self._kept.extra
+        self._applied = dict(extra["applied"])
+        self._cut_masks = dict(extra["cut_masks"])
+        self._thresholds = dict(extra["thresholds"])
+        self._quality_cut = dict(extra["quality_cut"])
+
+    def _kept_fraction(self) -> float:
+        """The fraction of all masked weights alive now."""
+        sizes = alive = 0
+        for *_, mask in iter_masked_weights(self.model):
+            values = ops.convert_to_numpy(mask)
+            sizes += values.size
+            alive += int(np.count_nonzero(values))
+        return alive / max(sizes, 1)
+
+    def _judge(self, epoch: int, logs: dict | None) -> bool:
+        """Reads the monitored metric at the end of `epoch`; judges the
+        state if a cut's retraining is over (the next epoch cuts, or `fit`
+        ends). Returns whether it restored the last kept state."""
+        guard = self.guard
+        assert guard is not None
+        value = (logs or {}).get(guard.monitor)
+        if value is None:
+            raise ValueError(
+                f"AccuracyGuard monitors {guard.monitor!r}, which the logs of "
+                f"epoch {epoch} do not hold: {sorted(logs or {})}. Pass "
+                "`validation_data` to `fit`, or set `monitor` to a logged metric."
+            )
+        self._last_value = (epoch, float(value))
+        last = epoch >= int((self.params or {}).get("epochs") or 1) - 1
+        if self._pending and not last and not self._cut_due(epoch + 1):
+            return False  # still retraining after the cut
+        return self._decide(epoch, float(value))
+
+    def _decide(self, epoch: int, value: float) -> bool:
+        """Keeps the state, or puts back the last kept one and retries or
+        stops; returns whether it restored."""
+        guard = self.guard
+        assert guard is not None
+        if not self._pending:  # no cut since the last kept state
+            if guard.better(value, self._best):
+                self._best = value
+            self._keep()
+            return False
+        self._pending = False
+        kept = self._kept_fraction()
+        best = self._best
+        if best is None or guard.worse_by(value, best) <= guard.tolerance:
+            self.guard_events.append(GuardEvent(epoch, value, best, "kept", kept))
+            if guard.better(value, best):
+                self._best = value
+            if self._scale < 1.0:
+                # The halved cut held: try the full one again at the next cut.
+                self._delay += epoch + 1 - self._last_cut
+            self._scale, self._failures = 1.0, 0
+            self._keep()
+            return False
+        self._failures += 1
+        stop = guard.on_drop == "stop" or self._failures > guard.retries
+        action = "restored, stopped" if stop else "restored, retrying"
+        self.guard_events.append(GuardEvent(epoch, value, best, action, kept))
+        self._restore_kept()
+        if stop:
+            self._stopped = True
+            self.model.stop_training = True
+            then = "pruning stops here"
+        else:
+            self._scale = 0.5**self._failures
+            self._delay += epoch + 1 - self._last_cut
+            then = f"the cut is retried with {self._scale:g} of its step"
+        warnings.warn(
+            f"{guard.monitor} fell to {value:.4f} after the cut before epoch "
+            f"{self._last_cut} (best kept: {best:.4f}, tolerance "
+            f"{guard.tolerance:g}, {kept:.4%} of the masked weights kept): the "
+            f"weights, masks and optimizer state kept at the end of epoch "
+            f"{self._last_cut - 1} are back, and {then}.",
+            stacklevel=3,
+        )
+        return True
+
     # --- Keras hooks --------------------------------------------------
     def on_train_begin(self, logs: dict | None = None) -> None:
         if not masked_layers(self.model):
@@ -705,6 +996,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
         if self._cut_masks_owner is not self.model:
             self._cut_masks = {}
             self._cut_masks_owner = self.model
+            self._quality_cut = {}
+            self.guard_events = []
+            self._kept = None
+            self._best = None if self.guard is None else self.guard.baseline
+            self._pending = False
+            self._delay, self._scale, self._failures = 0, 1.0, 0
+            self._stopped = False
+        self._last_value = None
         self._started = False
 
     def _maybe_start(self, epoch: int, steps_done: int) -> bool:
@@ -726,12 +1025,17 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._first_epoch = epoch
         self._epoch_start_step = self._iterations() - steps_done
         self._applied = {}
-        self.layer_schedules = self._resolve_schedules()
+        if self._qualities is None:
+            self.layer_schedules = self._resolve_schedules()
+        else:
+            self.layer_qualities = self._resolve_qualities()
         if self.units:
             self._start_units()
         if self._cut_masks:
             self._restore_rolled_back()
         self._record_masks()
+        if self.guard is not None and self._kept is None:
+            self._keep()
         self._started = True
         return True
 
@@ -762,17 +1066,27 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._zero_pruned()
+        restored = False
+        if self.guard is not None and self._started:
+            restored = self._judge(epoch, logs)
         if logs is None:
             return
         for label, layer in self._labelled():
             logs[f"sparsity/{label}"] = layer.sparsity
             if id(layer) in self._thresholds:
                 logs[f"threshold/{label}"] = self._thresholds[id(layer)]
+        if self.guard is not None:
+            logs["guard/rolled_back"] = float(restored)
+            if self._best is not None:
+                logs["guard/best"] = self._best
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # Runs after `fit` copied an optimizer's EMA weights back.
         self._restore_rolled_back()
         self._zero_pruned()
+        if self._pending and self._last_value is not None:
+            # Stopped by another callback in a retraining: judge it now.
+            self._decide(*self._last_value)
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments, JSON-serializable (schedule objects
@@ -804,6 +1118,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 self.granularity if self.block is None else list(self.block)
             ),
             "norm": self.norm,
+            "quality": self.quality,
+            "guard": None if self.guard is None else self.guard.get_config(),
         }
 
     @classmethod
@@ -816,7 +1132,19 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 return keras.saving.deserialize_keras_object(value)
             return value
 
-        return cls(**{**config, "schedule": _map_schedules(config["schedule"], load)})
+        guard = config.get("guard")
+        return cls(
+            **{
+                **config,
+                "schedule": _map_schedules(config["schedule"], load),
+                "guard": None if guard is None else AccuracyGuard(**guard),
+            }
+        )
+
+
+def _set_key(names: list[str]) -> str:
+    """How `_applied` names a set of coupled layers pruned by unit."""
+    return "units of " + "+".join(names)
 
 
 def _map_schedules(schedule: Any, function: Any) -> Any:

@@ -159,6 +159,92 @@ def magnitude_mask(
     return _prune_smallest(weights, mask, pruned_count(sparsity, weights.size), dtype)
 
 
+def std_threshold_mask(
+    weights: np.ndarray, mask: np.ndarray | None, quality: float
+) -> tuple[np.ndarray, float]:
+    """Han et al.'s threshold: prunes the live weights whose magnitude is
+    below `quality` times the standard deviation of the live weights.
+
+    Where `magnitude_mask` is told how many weights to prune, this is told
+    how small a weight must be, relative to its tensor's spread: a layer of
+    many near-zero weights loses many at one quality, a layer of evenly
+    spread ones few. Only live weights are measured and ranked, so a pruned
+    weight never comes back, and repeating a cut at the same quality prunes
+    more (the survivors' spread is measured again). One weight, the
+    largest, is always kept.
+
+    Args:
+        weights: The kernel values, any shape.
+        mask: The current 0/1 mask, same shape, or `None` for ones.
+        quality: The threshold in standard deviations, >= 0. For weights
+            drawn from a normal distribution, quality 1 prunes about 68% of
+            them, 2 about 95%.
+
+    Returns:
+        `(new mask, threshold)`: a 0/1 array of the dtype and shape of
+        `weights`, and the threshold in the weights' units (magnitudes below
+        it were pruned).
+
+    Raises:
+        ValueError: If `quality` is not a finite number >= 0, the shapes
+            differ, or `weights` hold NaN or infinite values.
+
+    Example:
+
+    >>> weights = np.array([2.0, -2.0, 1.0, -1.0, 0.0, 0.0])  # std: sqrt(10/6)
+    >>> mask, threshold = std_threshold_mask(weights, None, 1.0)
+    >>> mask, round(threshold, 4)
+    (array([1., 1., 0., 0., 0., 0.]), 1.291)
+    >>> std_threshold_mask(weights, mask, 1.0)[0]  # the live weights' std: 2
+    array([1., 1., 0., 0., 0., 0.])
+
+    Reference:
+        Han et al. 2015, arXiv:1506.02626; the quality parameter as in
+        Han's Caffe implementation of Deep Compression (Han et al. 2016,
+        arXiv:1510.00149).
+    """
+    quality = validate_quality(quality)
+    weights = check_finite(weights)
+    dtype = _mask_dtype(weights)
+    alive = np.ones(weights.shape, bool) if mask is None else np.asarray(mask) != 0
+    if alive.shape != weights.shape:
+        raise ValueError(
+            "Expected `mask` to have the shape of `weights`, "
+            f"{weights.shape}. Received: mask.shape={alive.shape}"
+        )
+    magnitudes = np.abs(weights)
+    live = weights[alive]
+    threshold = quality * float(live.std()) if live.size else 0.0
+    kept = alive & (magnitudes >= threshold)
+    if live.size and not kept.any():
+        kept.reshape(-1)[np.argmax(np.where(alive, magnitudes, -1.0))] = True
+    return kept.astype(dtype), threshold
+
+
+def validate_quality(value: object, name: str = "quality") -> float:
+    """Checks that `value` is a finite number >= 0 (Han's quality
+    parameter, in standard deviations) and returns it as a float.
+
+    Example:
+
+    >>> validate_quality(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: Expected `quality` to be a finite number >= 0 (standard \
+deviations of the live weights). Received: quality=-1
+    """
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool | str) or not (0.0 <= number < math.inf):
+        raise ValueError(
+            f"Expected `{name}` to be a finite number >= 0 (standard deviations "
+            f"of the live weights). Received: {name}={value!r}"
+        )
+    return number
+
+
 def validate_granularity(value: object) -> tuple[int, int] | None:
     """Checks a pruning granularity of weights: `"weight"` (single weights,
     returned as `None`) or `(units, inputs)`, a block of that many output

@@ -4,6 +4,7 @@ import pytest
 from keras import ops
 
 from keras_prune import (
+    AccuracyGuard,
     ConstantSchedule,
     DropoutScalingCallback,
     GeometricSchedule,
@@ -564,8 +565,10 @@ def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
         dict(schedule={"fc1": ListSchedule([0.5, 0.9], frequency=2),
                        "fc2": GeometricSchedule(0.8, factor=0.5)}),
         dict(schedule=ConstantSchedule(0.5, begin_step=3)),
+        dict(quality={"fc1": [0.5, 1.0], "fc2": 0.3}, frequency=2,
+             guard=AccuracyGuard("val_loss", 0.1, on_drop="stop", baseline=2.0)),
     ],
-    ids=["named", "object", "per-layer", "constant"],
+    ids=["named", "object", "per-layer", "constant", "quality-and-guard"],
 )  # fmt: skip
 def test_callback_config_round_trips_through_json(arguments):
     import json
@@ -743,3 +746,62 @@ def test_sparsity_and_threshold_reach_tensorboard(tmp_path):
     assert len(thresholds) == 3 and thresholds == sorted(thresholds)
     assert thresholds[-1] > 0
     assert any(tag.endswith("/fc1/kernel/histogram") for tag in histograms)
+
+
+def fixed_kernel_model(kernel):
+    """One MaskedDense with `kernel` (inputs x 1), trained at learning rate 0
+    so that cuts see exactly these weights."""
+    model = keras.Sequential(
+        [keras.Input((len(kernel),)), MaskedDense(1, use_bias=False, name="fc")]
+    )
+    model.layers[0].kernel.assign(np.asarray(kernel, "float32")[:, None])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    return model
+
+
+def test_quality_prunes_below_quality_times_the_std_of_live_weights_per_cut():
+    # std of these ten weights: sqrt(10/10) = 1; of the four left: sqrt(10/4).
+    kernel = [2.0, -2.0, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    model = fixed_kernel_model(kernel)
+    x, y = np.ones((4, 10), "float32"), np.ones((4, 1), "float32")
+    callback = IterativePruningCallback(quality=[0.5, 0.9])
+    history = model.fit(x, y, epochs=3, verbose=0, callbacks=[callback])
+    # Cut 1 (quality 0.5, threshold 0.5): the zeros go. Cut 2 (0.9 x 1.58 =
+    # 1.42): the ones go. Cut 3 repeats 0.9 (threshold 0.9 x 2): none go.
+    assert history.history["sparsity/fc"] == [0.6, 0.8, 0.8]
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(model.layers[0].mask)[:, 0], [1, 1] + [0] * 8
+    )
+    assert history.history["threshold/fc"][-1] == 2.0  # the smallest kept
+
+
+def test_quality_per_layer_prunes_only_named_layers_and_checks_names():
+    model = small_model()
+    callback = IterativePruningCallback(quality={"fc1": 1.0}, frequency=2)
+    model.fit(*data(), epochs=3, verbose=0, callbacks=[callback])
+    assert model.get_layer("fc1").sparsity > 0.5  # two cuts at 1 std
+    assert model.get_layer("fc2").sparsity == 0.0
+    with pytest.raises(ValueError, match=r"keys of `quality`.*\['fc3'\]"):
+        small_model().fit(
+            *data(), epochs=1, verbose=0,
+            callbacks=[IterativePruningCallback(quality={"fc3": 1.0})],
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(quality=1.0, final_sparsity=0.5), r"takes no `final_sparsity`"),
+        (dict(quality=1.0, scope="global"), r'needs scope="layer"'),
+        (dict(quality={"fc1": [0.5, -1]}), r"Received: quality\['fc1'\]\[1\]=-1$"),
+        (dict(quality=[]), r"Expected `quality` to hold at least one quality"),
+        (dict(final_sparsity=0.5, guard="strict"), r"AccuracyGuard or None"),
+        (
+            dict(final_sparsity=0.5, guard=AccuracyGuard(), unit="step"),
+            r'needs unit="epoch"',
+        ),
+    ],
+)
+def test_quality_and_guard_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IterativePruningCallback(**kwargs)

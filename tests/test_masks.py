@@ -9,6 +9,7 @@ from keras_prune.masks import (
     global_magnitude_masks,
     magnitude_mask,
     sparsity_of,
+    std_threshold_mask,
     validate_granularity,
     validate_sparsity,
 )
@@ -159,3 +160,23 @@ def test_block_masks_are_whole_blocks_and_only_lose_weights(
         # Starting from a full mask, each block is all kept or all pruned.
         np.testing.assert_array_equal(expand_blocks(live, block, new.shape), new)
         mask = new
+
+
+def test_std_threshold_prunes_below_quality_standard_deviations_of_live_weights():
+    # Live weights 2, -2, 1, -1 and two pruned ones: their std is sqrt(10/4).
+    weights = np.array([2.0, -2.0, 1.0, -1.0, 5.0, 0.1])
+    mask = np.array([1, 1, 1, 1, 0, 0], "float64")
+    new, threshold = std_threshold_mask(weights, mask, 0.8)
+    assert threshold == pytest.approx(0.8 * np.sqrt(2.5))  # 1.265
+    np.testing.assert_array_equal(new, [1, 1, 0, 0, 0, 0])  # 5.0 stays pruned
+    # Quality 0 prunes nothing; a huge quality keeps the largest live weight.
+    np.testing.assert_array_equal(std_threshold_mask(weights, mask, 0)[0], mask)
+    np.testing.assert_array_equal(
+        std_threshold_mask(weights, mask, 100)[0], [1, 0, 0, 0, 0, 0]
+    )
+
+
+@pytest.mark.parametrize("quality", [-0.5, float("nan"), float("inf"), "1", True])
+def test_std_threshold_refuses_a_bad_quality(quality):
+    with pytest.raises(ValueError, match=r"Expected `quality` to be a finite number"):
+        std_threshold_mask(np.ones(3), None, quality)
