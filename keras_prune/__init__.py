@@ -61,6 +61,7 @@ if _keras_error is None:
         PolynomialSchedule,
         PruningSchedule,
     )
+    from keras_prune.sensitivity import SensitivityScan, sensitivity_scan
     from keras_prune.shrink import shrink
     from keras_prune.summary import (
         LayerShrink,
@@ -108,6 +109,7 @@ __all__ = [
     "MaskedLayer",
     "PolynomialSchedule",
     "PruningSchedule",
+    "SensitivityScan",
     "SparseDense",
     "ShrinkSummary",
     "SparsitySummary",
@@ -121,6 +123,7 @@ __all__ = [
     "masked_class",
     "masked_layers",
     "prune_units",
+    "sensitivity_scan",
     "shrink",
     "shrink_summary",
     "sparsity_summary",

@@ -951,7 +951,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._pending = False
         kept = self._kept_fraction()
         best = self._best
-        if best is None or guard.worse_by(value, best) <= guard.tolerance:
+        if best is None or guard.worse_by(value, best) <= guard.tolerance + 1e-12:
             self.guard_events.append(GuardEvent(epoch, value, best, "kept", kept))
             if guard.better(value, best):
                 self._best = value
