@@ -26,6 +26,7 @@ TENSORFLOW_ONLY = [
     "tests/test_litert.py",
     "tests/test_mnist.py",
     "tests/test_mnist_structured.py",
+    "tests/test_lenet.py",
     "tests/test_native.py",
     "tests/test_notebook.py",
     "tests/test_summary.py",

@@ -9,7 +9,13 @@ import os
 import signal
 import sys
 
-from keras_prune.experiments.settings import JobConfig, MnistConfig, StructuredConfig
+from keras_prune.experiments.settings import (
+    JobConfig,
+    Lenet5Config,
+    Lenet300Config,
+    MnistConfig,
+    StructuredConfig,
+)
 
 # command -> (settings, experiment module, report module, help, description).
 # The modules import Keras: they load only once the settings are checked.
@@ -35,6 +41,31 @@ COMMANDS: dict[str, tuple[type[JobConfig], str, str, str, str]] = {
         "report, a CSV, a plot of accuracy against speed-up and shrunk.keras. "
         "Each finished epoch is saved: rerun with --resume to continue a run "
         "that was stopped.",
+    ),
+    "lenet300": (
+        Lenet300Config,
+        "keras_prune.experiments.lenet",
+        "keras_prune.experiments.lenet_report",
+        "prune every layer of LeNet-300-100 past the published results",
+        "Train LeNet-300-100 (784-300-100-10) on shifted MNIST images, scan each "
+        "layer's sensitivity, prune every layer gradually to its own kept "
+        "fraction with the dense network as teacher and an accuracy guard, "
+        "retrain, and write a report next to Han et al. 2015 and later results, "
+        "a CSV of every epoch and plots. Each finished epoch is saved: rerun with "
+        "--resume to continue a run that was stopped.",
+    ),
+    "lenet5": (
+        Lenet5Config,
+        "keras_prune.experiments.lenet",
+        "keras_prune.experiments.lenet_report",
+        "prune every layer of the Caffe LeNet-5 past the published results",
+        "Train the Caffe LeNet-5 (conv 5x5x20, pool, conv 5x5x50, pool, Dense "
+        "500, Dense 10) on shifted MNIST images, scan each layer's sensitivity, "
+        "prune every layer gradually to its own kept fraction with the dense "
+        "network as teacher and an accuracy guard, retrain, and write a report "
+        "next to Han et al. 2015 and later results, a CSV of every epoch and "
+        "plots. Each finished epoch is saved: rerun with --resume to continue a "
+        "run that was stopped.",
     ),
 }
 

@@ -30,7 +30,7 @@ import keras_prune as kp
 from keras_prune.experiments.data import load_mnist, preprocess
 from keras_prune.experiments.progress import RunFolder
 from keras_prune.experiments.requirements import check
-from keras_prune.experiments.settings import JobConfig, MnistConfig
+from keras_prune.experiments.settings import JobConfig, MnistConfig, SeedNetConfig
 from keras_prune.experiments.timing import time_interleaved
 
 # The seed report's table: fraction of Dense weights kept -> test accuracy.
@@ -227,7 +227,7 @@ def prepare_data(config: JobConfig) -> Data:
 
 
 def train_dense(
-    config: JobConfig, data: Data, verbose: int = 2
+    config: SeedNetConfig, data: Data, verbose: int = 2
 ) -> tuple[keras.Model, Round]:
     """Trains the seed convnet dense; returns it and its row 0 of the table."""
     dense = seed_convnet(config.dropout)
@@ -245,7 +245,7 @@ def train_dense(
 
 
 def trained_dense(
-    config: JobConfig,
+    config: SeedNetConfig,
     data: Data,
     folder: RunFolder,
     verbose: int = 2,

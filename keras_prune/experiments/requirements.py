@@ -10,6 +10,8 @@ import os
 NEEDS = {
     "mnist": (("tensorflow", "matplotlib"), "demo"),
     "mnist-structured": (("tensorflow", "matplotlib"), "demo"),
+    "lenet300": (("tensorflow", "matplotlib"), "demo"),
+    "lenet5": (("tensorflow", "matplotlib"), "demo"),
 }
 
 
@@ -42,8 +44,8 @@ def check(command: str) -> None:
     >>> check("lenet")
     Traceback (most recent call last):
     ...
-    ValueError: Expected `command` to be one of ['mnist', 'mnist-structured']. \
-Received: command='lenet'
+    ValueError: Expected `command` to be one of ['lenet300', 'lenet5', 'mnist', \
+'mnist-structured']. Received: command='lenet'
     """
     if command not in NEEDS:
         raise ValueError(

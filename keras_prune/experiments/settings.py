@@ -38,14 +38,12 @@ class JobConfig:
     batch_size: int = _option(128, "training batch size")
     dense_epochs: int = _option(3, "epochs of dense training before pruning")
     dense_lr: float = _option(1e-3, "Adam learning rate of the dense training")
-    dropout: float = _option(0.5, "dropout rate before fc2 in the dense network")
     train_samples: int | None = _option(None, "use only the first N training images")
     test_samples: int | None = _option(None, "use only the first N test images")
 
     def _checks(self) -> list[tuple[str, str, Any, str]]:
         """`(field, what it is, test, expected)` for each setting to check."""
         return [
-            ("dropout", "a dropout rate", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("batch_size", "a batch size", lambda v: v >= 1, ">= 1"),
             ("dense_epochs", "a number of epochs", lambda v: v >= 1, ">= 1"),
             ("dense_lr", "a learning rate", lambda v: v > 0, "> 0"),
@@ -114,7 +112,20 @@ Received: --factor=1.5
 
 
 @dataclasses.dataclass(frozen=True)
-class MnistConfig(JobConfig):
+class SeedNetConfig(JobConfig):
+    """Settings of the jobs on the seed report's convnet, which has dropout."""
+
+    dropout: float = _option(0.5, "dropout rate before fc2 in the dense network")
+
+    def _checks(self) -> list[tuple[str, str, Any, str]]:
+        return [
+            ("dropout", "a dropout rate", lambda v: 0 <= v < 1, "in [0, 1)"),
+            *super()._checks(),
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig(SeedNetConfig):
     """Settings of one MNIST pruning run (`keras-prune mnist`): the seed
     report's pruning of fc1 and fc2, round by round.
 
@@ -152,7 +163,7 @@ class MnistConfig(JobConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class StructuredConfig(JobConfig):
+class StructuredConfig(SeedNetConfig):
     """Settings of the structured MNIST run (`keras-prune mnist-structured`):
     whole filters of conv1 and conv2 and units of fc1 pruned by their L1 norm
     (`granularity="unit"`), then `shrink`.
@@ -198,3 +209,112 @@ class StructuredConfig(JobConfig):
             "prune_epochs": min(self.prune_epochs, 2),
             "tune_epochs": min(self.tune_epochs, 1),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class LenetConfig(JobConfig):
+    """Settings shared by `keras-prune lenet300` and `keras-prune lenet5`:
+    Han et al.'s networks pruned gradually, every layer to its own target,
+    with the dense network as teacher and an accuracy guard."""
+
+    dense_epochs: int = _option(30, "epochs of dense training before pruning")
+    validation: int = _option(
+        5000,
+        "last training images held out for the guard and the sensitivity scan "
+        "(never trained on; the test set is only reported)",
+    )
+    shift: int = _option(
+        2, "training images shifted at random by up to this many pixels (0: none)"
+    )
+    prune_epochs: int = _option(
+        60, "epochs over which the polynomial schedule reaches the targets"
+    )
+    tune_epochs: int = _option(30, "epochs of retraining after the last cut")
+    prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
+    tune_lr: float = _option(1e-4, "Adam learning rate after the last cut")
+    distill: float = _option(
+        0.7,
+        "weight of the dense network's softened outputs in the pruned network's "
+        "loss (knowledge distillation; 0: labels only)",
+    )
+    temperature: float = _option(4.0, "softmax temperature of the distillation")
+    tolerance: float = _option(
+        0.01,
+        "accuracy guard: largest fall of validation accuracy below the best "
+        "kept state before a cut is undone and retried with half the step",
+    )
+
+    def _checks(self) -> list[tuple[str, str, Any, str]]:
+        return [
+            ("validation", "a number of images", lambda v: v >= 1, ">= 1"),
+            ("shift", "a number of pixels", lambda v: 0 <= v <= 8, "in [0, 8]"),
+            ("prune_epochs", "a number of epochs", lambda v: v >= 1, ">= 1"),
+            ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
+            ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("distill", "a loss weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("temperature", "a temperature", lambda v: v > 0, "> 0"),
+            ("tolerance", "an accuracy drop", lambda v: v >= 0, ">= 0"),
+            *[
+                (f"kept_{name}", "a kept fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+                for name in self.kept()
+            ],
+            *super()._checks(),
+        ]
+
+    def kept(self) -> dict[str, float]:
+        """`{layer name: fraction of its weights kept at the end}`."""
+        return {
+            field.name.removeprefix("kept_"): getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name.startswith("kept_")
+        }
+
+    def _quick(self) -> dict[str, Any]:
+        return {
+            "validation": min(self.validation, 1000),
+            "prune_epochs": min(self.prune_epochs, 3),
+            "tune_epochs": min(self.tune_epochs, 1),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Lenet300Config(LenetConfig):
+    """Settings of `keras-prune lenet300`: LeNet-300-100 (784-300-100-10).
+
+    Example:
+
+    >>> Lenet300Config().kept()
+    {'fc1': 0.01, 'fc2': 0.04, 'fc3': 0.3}
+    """
+
+    out: str = _option(
+        "runs/lenet300",
+        "output folder for report.md, rounds.csv, the plots and the checkpoints "
+        "that --resume continues from",
+    )
+    kept_fc1: float = _option(0.01, "fraction of fc1's 235,200 weights kept")
+    kept_fc2: float = _option(0.04, "fraction of fc2's 30,000 weights kept")
+    kept_fc3: float = _option(0.3, "fraction of fc3's 1,000 weights kept")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lenet5Config(LenetConfig):
+    """Settings of `keras-prune lenet5`: the Caffe LeNet-5, every layer
+    pruned.
+
+    Example:
+
+    >>> Lenet5Config().kept()
+    {'conv1': 0.3, 'conv2': 0.02, 'fc1': 0.002, 'fc2': 0.05}
+    """
+
+    out: str = _option(
+        "runs/lenet5",
+        "output folder for report.md, rounds.csv, the plots and the checkpoints "
+        "that --resume continues from",
+    )
+    kept_conv1: float = _option(0.3, "fraction of conv1's 500 weights kept")
+    kept_conv2: float = _option(0.02, "fraction of conv2's 25,000 weights kept")
+    kept_fc1: float = _option(0.002, "fraction of fc1's 400,000 weights kept")
+    kept_fc2: float = _option(0.05, "fraction of fc2's 5,000 weights kept")

@@ -1,0 +1,171 @@
+"""`keras-prune lenet300` and `keras-prune lenet5`: Han et al.'s networks,
+every layer pruned to its own target, with distillation and a guard."""
+
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from keras_prune.cli import main
+from keras_prune.experiments.lenet import (
+    DistillationLoss,
+    ShiftedImages,
+    held_out,
+    lenet5,
+    lenet300,
+)
+from keras_prune.experiments.mnist import Data
+from tests.backend_utils import end_to_end_once, same_without_native_kernel
+from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
+
+# --tolerance 1: the guard never undoes a cut, so the targets are reached
+# exactly and a resumed run must give the same table.
+OPTIONS = ("--quick", "--train-samples", "2500", "--test-samples", "500",
+           "--validation", "500", "--tolerance", "1")  # fmt: skip
+
+
+def test_networks_have_the_papers_shapes():
+    assert [w.shape for w in lenet300().weights[::2]] == [
+        (784, 300), (300, 100), (100, 10),
+    ]  # fmt: skip
+    assert [w.shape for w in lenet5().weights[::2]] == [
+        (5, 5, 1, 20), (5, 5, 20, 50), (800, 500), (500, 10),
+    ]  # fmt: skip
+
+
+def test_shifted_images_move_each_image_by_at_most_the_shift():
+    images = np.zeros((50, 28, 28, 1), "float32")
+    images[:, 14, 14, 0] = 1.0  # one lit pixel in the middle
+    x, y = ShiftedImages(images, np.arange(50), shift=2, batch_size=50, seed=3)[0]
+    rows, columns = np.nonzero(x[..., 0])[1:]
+    assert x.sum() == 50  # nothing falls off
+    assert set(rows) <= set(range(12, 17)) and set(columns) <= set(range(12, 17))
+    assert len(set(zip(rows, columns, strict=True))) > 10  # not all the same shift
+    assert sorted(y[:, 0]) == list(range(50))
+    again, _ = ShiftedImages(images, np.arange(50), shift=2, batch_size=50, seed=3)[0]
+    np.testing.assert_array_equal(x, again)  # the seed fixes the epoch
+
+
+def test_shifted_images_carry_the_teachers_logits():
+    teacher = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                                keras.layers.Dense(10)])  # fmt: skip
+    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
+    x, y = ShiftedImages(images, np.arange(8), shift=0, batch_size=8, teacher=teacher)[
+        0
+    ]
+    assert y.shape == (8, 11)
+    np.testing.assert_allclose(y[:, 1:], teacher.predict(x, verbose=0), rtol=1e-5)
+
+
+def test_distillation_is_cross_entropy_plus_the_softened_teacher():
+    student = np.array([[1.0, 0.0, -1.0]])
+    teacher = np.array([[0.0, 2.0, 0.0]])
+    label = np.array([[1.0]])
+    t = 2.0
+    p = np.exp(teacher / t) / np.exp(teacher / t).sum()
+    q = np.exp(student / t) / np.exp(student / t).sum()
+    hard = -np.log(np.exp(student[0, 1]) / np.exp(student).sum())
+    soft = (p * np.log(p / q)).sum() * t * t
+    loss = DistillationLoss(weight=0.25, temperature=t)
+    value = float(loss(np.concatenate([label, teacher], 1), student))
+    assert value == pytest.approx(0.75 * hard + 0.25 * soft, rel=1e-5)
+    assert float(loss(label, student)) == pytest.approx(hard, rel=1e-5)
+
+
+def test_validation_must_leave_training_images():
+    data = Data(np.zeros((10, 28, 28, 1)), np.zeros(10), np.zeros((2, 28, 28, 1)),
+                np.zeros(2))  # fmt: skip
+    train, (x, y) = held_out(data, 3)
+    assert len(train.x_train) == 7 and x.shape == (3, 28, 28, 1) and y.shape == (3, 1)
+    with pytest.raises(ValueError, match=r"Received: --validation=10 of 10"):
+        held_out(data, 10)
+
+
+def test_a_bad_lenet_option_stops_before_anything_runs(tmp_path, capsys):
+    status = main(["lenet5", "--kept-conv1", "1.5", "--out", str(tmp_path / "r")])
+    assert status == 2
+    assert "Expected --kept-conv1 (a kept fraction) in (0, 1]. Received: " in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def lenet_command(name, *options):
+    return keras_prune_command(name, *OPTIONS, *options)
+
+
+@pytest.fixture(scope="module")
+def lenet300_run(tmp_path_factory):
+    if not os.path.isfile(MNIST):
+        pytest.skip(f"needs the shared MNIST file at {MNIST}")
+    out = tmp_path_factory.mktemp("lenet300")
+    status, stdout, stderr = finish(
+        lenet_command("lenet300", "--data", MNIST, "--out", str(out))
+    )
+    assert status == 0, stderr
+    return out, stdout
+
+
+@same_without_native_kernel
+def test_lenet300_reaches_every_layers_target_and_reports_it(lenet300_run):
+    out, printed = lenet300_run
+    assert "Sparse VD" in printed and "| fc1 | 235,200 | 1.00% | 2,352 |" in printed
+    rows = read_rows(out)
+    assert [row["phase"] for row in rows] == ["dense", "prune", "prune", "prune",
+                                              "tune"]  # fmt: skip
+    last = rows[-1]
+    assert [float(last[f"kept_{n}"]) for n in ("fc1", "fc2", "fc3")] == pytest.approx(
+        [0.01, 0.04, 0.3]
+    )
+    assert float(last["kept"]) == pytest.approx((2352 + 1200 + 300) / 266_200)
+    # Chance is 90% error; quick mode prunes to 1.45% in three short epochs.
+    assert float(rows[0]["test_error"]) < 0.4
+    assert all(0 < float(row["test_error"]) < 0.85 for row in rows)
+    pruned = keras.saving.load_model(out / "pruned.keras")
+    kernel = pruned.get_layer("fc1").kernel.numpy()
+    assert np.count_nonzero(kernel) == 2352
+    report = (out / "report.md").read_text()
+    assert "Quick mode" in report and "**last epoch's**" in report
+    assert "Sensitivity of the dense network" in report
+    with open(out / "sensitivity.csv") as file:
+        assert len(file.readlines()) == 1 + 3 * 8
+    for png in ("error_vs_kept.png", "sensitivity.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@same_without_native_kernel
+def test_lenet5_prunes_the_convolutions_too(tmp_path):
+    if not os.path.isfile(MNIST):
+        pytest.skip(f"needs the shared MNIST file at {MNIST}")
+    status, _, stderr = finish(
+        lenet_command("lenet5", "--data", MNIST, "--out", str(tmp_path),
+                      "--train-samples", "1500", "--prune-epochs", "2")
+    )  # fmt: skip
+    assert status == 0, stderr
+    last = read_rows(tmp_path)[-1]
+    kept = {n: float(last[f"kept_{n}"]) for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert kept == pytest.approx(
+        {"conv1": 0.3, "conv2": 0.02, "fc1": 0.002, "fc2": 0.05}
+    )
+    assert float(last["kept"]) == pytest.approx((150 + 500 + 800 + 250) / 430_500)
+
+
+@end_to_end_once
+def test_a_stopped_lenet_run_resumes_to_the_same_table(lenet300_run, tmp_path):
+    out = tmp_path / "run"
+    process = lenet_command("lenet300", "--data", MNIST, "--out", str(out))
+    while not (out / "rounds.csv").exists() or len(read_rows(out)) < 3:
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    status, _, stderr = finish(process)
+    assert status == 130, stderr
+    assert "**Stopped after epoch" in (out / "report.md").read_text()
+    status, _, stderr = finish(
+        lenet_command("lenet300", "--data", MNIST, "--out", str(out), "--resume")
+    )
+    assert status == 0, stderr
+    assert read_rows(out) == read_rows(lenet300_run[0])
