@@ -9,11 +9,19 @@ import sys
 import time
 
 import keras
+import numpy as np
 import pytest
 
 from keras_prune.cli import main
 from keras_prune.experiments.data import load_mnist
-from keras_prune.experiments.mnist import kept_ladder, seed_convnet, split_ladder
+from keras_prune.experiments.mnist import (
+    Data,
+    kept_ladder,
+    prune,
+    seed_convnet,
+    split_ladder,
+)
+from keras_prune.experiments.settings import MnistConfig
 from tests.backend_utils import end_to_end_once
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -46,6 +54,31 @@ def test_split_ladder_keeps_the_total_and_gives_fc2_its_floor():
 def test_split_ladder_refuses_a_floor_that_starves_fc1():
     with pytest.raises(ValueError, match=r"^Expected `fc2_min_kept` to leave fc1"):
         split_ladder([0.01], {"fc1": 100, "fc2": 100}, fc2_min_kept=0.5)
+
+
+def test_the_default_ladder_is_the_seed_reports_down_to_0056_percent():
+    assert kept_ladder(MnistConfig().rounds, MnistConfig().factor)[-1] == (
+        pytest.approx(0.00056, rel=0.01)
+    )
+
+
+def test_prune_convs_prunes_the_convolutions_down_to_their_floors():
+    config = MnistConfig(prune_convs=True, rounds=2, factor=0.3, epochs_per_round=1)
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 28, 28, 1)).astype("float32")
+    labels = rng.integers(0, 10, 64)
+    dense = seed_convnet()
+    masked, rounds = prune(config, dense, Data(images, labels, images, labels), 0)
+    assert [(r.kept_conv1, r.kept_conv2) for r in rounds] == [
+        pytest.approx((0.5, 0.3)), pytest.approx((0.5, 0.1)),
+    ]  # fmt: skip
+    sizes = {"conv1": 800, "conv2": 51_200, "fc1": 3136 * 1024, "fc2": 10_240}
+    last = rounds[-1]
+    kept = {"conv1": 0.5, "conv2": 0.1, "fc1": last.kept_fc1, "fc2": last.kept_fc2}
+    assert last.kept_all == pytest.approx(
+        sum(kept[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    )
+    assert type(dense.get_layer("conv1")) is keras.layers.Conv2D  # left unchanged
 
 
 def test_seed_convnet_has_the_seed_reports_shapes():

@@ -54,6 +54,7 @@ SEED_TABLE = (
 SEED_TIMES = {"dense": 0.644, "masked": 1.572, "sparse": 0.692}
 
 DENSE_LAYERS = ("fc1", "fc2")
+CONV_LAYERS = ("conv1", "conv2")
 
 
 @dataclasses.dataclass
@@ -67,6 +68,9 @@ class Round:
     kept_fc2: float
     dropout: float
     test_accuracy: float
+    kept_conv1: float = 1.0
+    kept_conv2: float = 1.0
+    kept_all: float = 1.0  # of every layer's weights (biases aside)
 
 
 @dataclasses.dataclass
@@ -262,6 +266,18 @@ def trained_dense(
     return dense
 
 
+def pruned_layers(config: MnistConfig) -> tuple[str, ...]:
+    """The layers a run prunes: the Dense ones, and with `prune_convs` the
+    convolutions.
+
+    Example:
+
+    >>> pruned_layers(MnistConfig(prune_convs=True))
+    ('fc1', 'fc2', 'conv1', 'conv2')
+    """
+    return DENSE_LAYERS + (CONV_LAYERS if config.prune_convs else ())
+
+
 def prune(
     config: MnistConfig,
     dense: keras.Model,
@@ -296,18 +312,21 @@ def prune(
     else:
         if folder is not None:
             folder.restore_python_random()  # the masked copy's dropout seed
-        masked = kp.make_prunable(dense, layers=list(DENSE_LAYERS))
+        masked = kp.make_prunable(dense, layers=list(pruned_layers(config)))
         _compile(masked, config.prune_lr)
-    layers = {name: masked.get_layer(name) for name in DENSE_LAYERS}
-    sizes = {name: math.prod(layer.mask.shape) for name, layer in layers.items()}
+    layers = {name: masked.get_layer(name) for name in DENSE_LAYERS + CONV_LAYERS}
+    sizes = {name: math.prod(layer.kernel.shape) for name, layer in layers.items()}
     ladder = kept_ladder(config.rounds, config.factor)
     per_layer = split_ladder(ladder, sizes, config.fc2_min_kept)
+    if config.prune_convs:
+        per_layer["conv1"] = [1.0 - max(k, config.conv1_min_kept) for k in ladder]
+        per_layer["conv2"] = [1.0 - max(k, config.conv2_min_kept) for k in ladder]
     every = config.epochs_per_round
     callbacks: list[keras.callbacks.Callback] = [
         kp.IterativePruningCallback(
             schedule={
-                name: kp.ListSchedule(per_layer[name], frequency=every)
-                for name in DENSE_LAYERS
+                name: kp.ListSchedule(sparsities, frequency=every)
+                for name, sparsities in per_layer.items()
             }
         ),
         _LearningRate(config.prune_lr, config.final_lr, (config.rounds - 2) * every),
@@ -327,15 +346,20 @@ def prune(
         )
         accuracy = masked.evaluate(data.x_test, data.y_test, batch_size=1000,
                                    verbose=0)[1]  # fmt: skip
+        kept = {name: 1.0 - getattr(layer, "sparsity", 0.0)
+                for name, layer in layers.items()}  # fmt: skip
         rounds.append(
             Round(
                 round=k,
                 epoch=config.dense_epochs + k * every - 1,
                 kept=ladder[k - 1],
-                kept_fc1=1.0 - layers["fc1"].sparsity,
-                kept_fc2=1.0 - layers["fc2"].sparsity,
+                kept_fc1=kept["fc1"],
+                kept_fc2=kept["fc2"],
                 dropout=masked.get_layer("dropout").rate,
                 test_accuracy=accuracy,
+                kept_conv1=kept["conv1"],
+                kept_conv2=kept["conv2"],
+                kept_all=sum(kept[n] * sizes[n] for n in sizes) / sum(sizes.values()),
             )
         )
         if folder is not None:
@@ -406,7 +430,7 @@ def settings(config: JobConfig) -> dict[str, Any]:
     Example:
 
     >>> "out" in settings(MnistConfig()), settings(MnistConfig())["rounds"]
-    (False, 18)
+    (False, 21)
     """
     resolved = dataclasses.asdict(config.resolved())
     return {key: value for key, value in resolved.items() if key != "out"}

@@ -28,17 +28,28 @@ def _seed_accuracy(kept: float) -> float | None:
 
 
 def comparison_table(rounds: list[Round]) -> str:
-    """Markdown table: each round's kept fraction and accuracy beside the seed's."""
+    """Markdown table: each round's kept fraction and accuracy beside the
+    seed's; with the convolutions pruned too, their kept fractions and that
+    of every layer's weights together."""
+    convs = any(row.kept_conv1 < 1.0 or row.kept_conv2 < 1.0 for row in rounds)
+    extra = " kept conv1 | kept conv2 | kept (all layers) |" if convs else ""
     lines = [
-        "| round | kept (all Dense) | kept fc1 | kept fc2 | dropout | test accuracy "
-        "| seed report |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | kept (all Dense) | kept fc1 | kept fc2 |"
+        + extra
+        + " dropout | test accuracy | seed report |",
+        "|---:|---:|---:|---:|" + "---:|" * (3 if convs else 0) + "---:|---:|---:|",
     ]
     for row in rounds:
         seed = _seed_accuracy(row.kept)
+        conv_cells = (
+            f" {row.kept_conv1:.2%} | {row.kept_conv2:.2%} | {row.kept_all:.4%} |"
+            if convs
+            else ""
+        )
         lines.append(
             f"| {row.round} | {row.kept:.4%} | {row.kept_fc1:.4%} | "
-            f"{row.kept_fc2:.2%} | {row.dropout:.3f} | {row.test_accuracy:.2%} | "
+            f"{row.kept_fc2:.2%} |{conv_cells} {row.dropout:.3f} | "
+            f"{row.test_accuracy:.2%} | "
             + (f"{seed:.1%}" if seed is not None else "")
             + " |"
         )
@@ -148,6 +159,18 @@ def _write(path: str, text: str) -> None:
         file.write(text)
 
 
+def _pruned(config: MnistConfig) -> str:
+    """What the run prunes, in a sentence."""
+    if config.prune_convs:
+        return (
+            'Every layer is pruned: fc1 and fc2 on the ladder ("kept" counts '
+            "their weights), conv1 and conv2 on the same ladder down to "
+            f"{config.conv1_min_kept:.0%} and {config.conv2_min_kept:.0%} of their "
+            "weights."
+        )
+    return 'Only fc1 and fc2 are pruned; "kept" counts the weights of both.'
+
+
 def write_report(result: MnistResult, folder: str) -> dict[str, str]:
     """Writes `report.md`, then `accuracy_vs_kept.png`, to `folder`.
 
@@ -174,8 +197,8 @@ def write_report(result: MnistResult, folder: str) -> dict[str, str]:
         f"""# MNIST iterative pruning: keras_prune vs the seed report
 
 Network: the TensorFlow-tutorial convnet of the seed report (conv 5x5x32, pool,
-conv 5x5x64, pool, fc1 3136x1024, dropout, fc2 1024x10). Only fc1 and fc2 are
-pruned; "kept" counts the weights of both. Wall time: {minutes:.1f} min.
+conv 5x5x64, pool, fc1 3136x1024, dropout, fc2 1024x10). {_pruned(result.config)}
+Wall time: {minutes:.1f} min.
 {quick}
 
 ## Test accuracy after each round
@@ -217,7 +240,7 @@ def write_partial_report(
     ...        "kept_fc2": 1.0, "dropout": 0.5, "test_accuracy": 0.99}
     >>> path = write_partial_report(MnistConfig(), [row], 60.0, tempfile.mkdtemp())
     >>> print(open(path).read().splitlines()[2])
-    **Stopped after the dense training, before round 1 of 18**, after 1.0 min.
+    **Stopped after the dense training, before round 1 of 21**, after 1.0 min.
     """
     config = config.resolved()
     rounds = [Round(**row) for row in rows]
