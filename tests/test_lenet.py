@@ -16,8 +16,12 @@ from keras_prune.experiments.lenet import (
     held_out,
     lenet5,
     lenet300,
+    run,
+    settings,
 )
 from keras_prune.experiments.mnist import Data
+from keras_prune.experiments.progress import RunFolder
+from keras_prune.experiments.settings import Lenet5Config
 from tests.backend_utils import end_to_end_once, same_without_native_kernel
 from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
 
@@ -45,8 +49,10 @@ def test_shifted_images_move_each_image_by_at_most_the_shift():
     assert set(rows) <= set(range(12, 17)) and set(columns) <= set(range(12, 17))
     assert len(set(zip(rows, columns, strict=True))) > 10  # not all the same shift
     assert sorted(y[:, 0]) == list(range(50))
-    again, _ = ShiftedImages(images, np.arange(50), shift=2, batch_size=50, seed=3)[0]
-    np.testing.assert_array_equal(x, again)  # the seed fixes the epoch
+    again = ShiftedImages(images, np.arange(50), shift=2, batch_size=50, seed=3)
+    np.testing.assert_array_equal(x, again[0][0])  # the seed fixes the epochs
+    again.on_epoch_end()
+    assert not np.array_equal(x, again[0][0])  # and each epoch draws anew
 
 
 def test_shifted_images_carry_the_teachers_logits():
@@ -140,17 +146,18 @@ def test_lenet300_reaches_every_layers_target_and_reports_it(lenet300_run):
 def test_lenet5_prunes_the_convolutions_too(tmp_path):
     if not os.path.isfile(MNIST):
         pytest.skip(f"needs the shared MNIST file at {MNIST}")
-    status, _, stderr = finish(
-        lenet_command("lenet5", "--data", MNIST, "--out", str(tmp_path),
-                      "--train-samples", "1500", "--prune-epochs", "2")
+    config = Lenet5Config(
+        data=MNIST, out=str(tmp_path), quick=True, train_samples=1200,
+        test_samples=300, validation=300, prune_epochs=2, tolerance=1.0,
     )  # fmt: skip
-    assert status == 0, stderr
-    last = read_rows(tmp_path)[-1]
-    kept = {n: float(last[f"kept_{n}"]) for n in ("conv1", "conv2", "fc1", "fc2")}
+    result = run(config, verbose=0, folder=RunFolder(str(tmp_path), settings(config)))
+    last = result.rows[-1]
+    kept = {n: last[f"kept_{n}"] for n in ("conv1", "conv2", "fc1", "fc2")}
     assert kept == pytest.approx(
         {"conv1": 0.3, "conv2": 0.02, "fc1": 0.002, "fc2": 0.05}
     )
-    assert float(last["kept"]) == pytest.approx((150 + 500 + 800 + 250) / 430_500)
+    assert last["kept"] == pytest.approx((150 + 500 + 800 + 250) / 430_500)
+    assert list(result.scan.values) == ["conv1", "conv2", "fc1", "fc2"]
 
 
 @end_to_end_once

@@ -164,8 +164,8 @@ class ShiftedImages(keras.utils.PyDataset):
     fill in), in a shuffled order; `y` holds the label and, with a
     `teacher`, the teacher's logits on the same shifted images.
 
-    The order and shifts come from `seed` alone, so an epoch made with the
-    same seed is the same epoch.
+    Each epoch draws a new order and new shifts; they come from `seed`
+    alone, so the same seed gives the same epochs.
 
     Example:
 
@@ -187,9 +187,13 @@ class ShiftedImages(keras.utils.PyDataset):
         super().__init__()
         self.images, self.labels = images, labels
         self.shift, self.batch_size, self.teacher = shift, batch_size, teacher
-        rng = np.random.default_rng(seed)
-        self.order = rng.permutation(len(images))
-        self.offsets = rng.integers(0, 2 * shift + 1, size=(len(images), 2))
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def on_epoch_end(self) -> None:
+        """Draws a new order and new shifts for the next epoch."""
+        self.order = self.rng.permutation(len(self.images))
+        self.offsets = self.rng.integers(0, 2 * self.shift + 1, (len(self.images), 2))
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
