@@ -238,7 +238,7 @@ class LenetConfig(JobConfig):
         "(never trained on; the test set is only reported)",
     )
     shift: int = _option(
-        2, "training images shifted at random by up to this many pixels (0: none)"
+        1, "training images shifted at random by up to this many pixels (0: none)"
     )
     prune_epochs: int = _option(
         60, "epochs over which the polynomial schedule reaches the targets"
@@ -253,7 +253,7 @@ class LenetConfig(JobConfig):
     )
     temperature: float = _option(4.0, "softmax temperature of the distillation")
     tolerance: float = _option(
-        0.01,
+        0.015,
         "accuracy guard: largest fall of validation accuracy below the best "
         "kept state before a cut is undone and retried with half the step",
     )
