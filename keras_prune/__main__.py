@@ -1,7 +1,5 @@
 """`python -m keras_prune ...` runs the `keras-prune` command line."""
 
-import sys
+from keras_prune.cli import entry
 
-from keras_prune.cli import main
-
-sys.exit(main())
+entry()

@@ -210,3 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(paths.values())
     )
     return 0
+
+
+def entry() -> None:
+    """The `keras-prune` console script and `python -m keras_prune`: runs
+    `main` and exits with its status.
+
+    A stopped job (status 130 or 143) exits at once, after its report and
+    CSV are written and the output flushed: a signal can leave a thread of
+    TensorFlow's `Dataset.from_generator` (which feeds `fit` from a
+    `keras.utils.PyDataset`, as the LeNet jobs do) waiting on a batch that
+    never comes, and Python would wait for it forever at exit.
+    """
+    status = main()
+    if status >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
