@@ -267,9 +267,14 @@ def _row(
 
 
 def _evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy on `images`, `labels` a vector or a label column."""
     return float(
         model.evaluate(
-            images, _label_column(labels), batch_size=1000, verbose=0, return_dict=True
+            images,
+            _label_column(labels.reshape(-1)),
+            batch_size=1000,
+            verbose=0,
+            return_dict=True,
         )["accuracy"]
     )
 
@@ -304,17 +309,12 @@ def train_dense(
         "phase": "dense",
         "kept": 1.0,
         **{f"kept_{name}": 1.0 for name in config.kept()},
-        "val_accuracy": _evaluate(dense, *_unpack(validation)),
+        "val_accuracy": _evaluate(dense, *validation),
         "test_error": 1.0 - _evaluate(dense, data.x_test, data.y_test),
         "guard": "",
     }
     folder.record([row], {"dense": dense})
     return dense
-
-
-def _unpack(validation: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    images, column = validation
-    return images, column[:, 0].astype("int64")
 
 
 def scan(
@@ -388,7 +388,7 @@ def prune(
                     f"{event.action} (tried {event.kept_fraction:.2%} kept: "
                     f"val {event.value:.2%})"
                 )
-                validation_accuracy = _evaluate(masked, *_unpack(validation))
+                validation_accuracy = _evaluate(masked, *validation)
         row = _row(
             config.dense_epochs + epoch,
             "prune" if epoch < config.prune_epochs else "tune",
