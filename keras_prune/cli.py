@@ -49,10 +49,10 @@ COMMANDS: dict[str, tuple[type[JobConfig], str, str, str, str]] = {
         "prune every layer of LeNet-300-100 past the published results",
         "Train LeNet-300-100 (784-300-100-10) on shifted MNIST images, scan each "
         "layer's sensitivity, prune every layer gradually to its own kept "
-        "fraction with the dense network as teacher and an accuracy guard, "
-        "retrain, and write a report next to Han et al. 2015 and later results, "
-        "a CSV of every epoch and plots. Each finished epoch is saved: rerun with "
-        "--resume to continue a run that was stopped.",
+        "fraction with a dense LeNet-5 as teacher (distillation) and an accuracy "
+        "guard, retrain, and write a report next to Han et al. 2015 and later "
+        "results, a CSV of every epoch and plots. Each finished epoch is saved: "
+        "rerun with --resume to continue a run that was stopped.",
     ),
     "lenet5": (
         Lenet5Config,

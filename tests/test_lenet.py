@@ -18,10 +18,11 @@ from keras_prune.experiments.lenet import (
     lenet300,
     run,
     settings,
+    train_teacher,
 )
 from keras_prune.experiments.mnist import Data
 from keras_prune.experiments.progress import RunFolder
-from keras_prune.experiments.settings import Lenet5Config
+from keras_prune.experiments.settings import Lenet5Config, Lenet300Config
 from tests.backend_utils import end_to_end_once, same_without_native_kernel
 from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
 
@@ -90,6 +91,38 @@ def test_validation_must_leave_training_images():
         held_out(data, 10)
 
 
+def test_the_teacher_is_the_one_asked_for_and_read_back_on_resume(tmp_path):
+    rng = np.random.default_rng(0)
+    data = Data(rng.random((64, 28, 28, 1), "float32"), rng.integers(0, 10, 64),
+                None, None)  # fmt: skip
+    dense = lenet300()
+    options = dict(dense_epochs=1, batch_size=32, out=str(tmp_path))
+
+    def teacher(config):
+        folder = RunFolder(str(tmp_path), settings(config), resume=True)
+        return train_teacher(config, dense, data, folder, verbose=0)
+
+    assert teacher(Lenet300Config(teacher="dense", **options)) is dense
+    assert teacher(Lenet300Config(teacher="lenet5", distill=0, **options)) is None
+    # LeNet-5's own dense network is the LeNet-5 teacher.
+    assert teacher(Lenet5Config(teacher="lenet5", **options)) is dense
+    config = Lenet300Config(teacher="lenet5", **options)
+    trained = teacher(config)
+    assert [w.shape for w in trained.weights[::2]] == [
+        w.shape for w in lenet5().weights[::2]
+    ]
+    again = teacher(config)  # a resumed run reads it back, untrained
+    assert again is not trained
+    for before, after in zip(trained.weights, again.weights, strict=True):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+
+
+def test_a_bad_teacher_is_named():
+    with pytest.raises(ValueError, match=r"--teacher .*one of dense, lenet5\. "
+                       r"Received: --teacher='vgg'"):  # fmt: skip
+        Lenet300Config(teacher="vgg").validate()
+
+
 def test_a_bad_lenet_option_stops_before_anything_runs(tmp_path, capsys):
     status = main(["lenet5", "--kept-conv1", "1.5", "--out", str(tmp_path / "r")])
     assert status == 2
@@ -119,6 +152,7 @@ def lenet300_run(tmp_path_factory):
 def test_lenet300_reaches_every_layers_target_and_reports_it(lenet300_run):
     out, printed = lenet300_run
     assert "Sparse VD" in printed and "| fc1 | 235,200 | 1.00% | 2,352 |" in printed
+    assert "| keras_prune's teacher, a dense LeNet-5" in printed  # the default
     rows = read_rows(out)
     assert [row["phase"] for row in rows] == ["dense", "prune", "prune", "prune",
                                               "tune"]  # fmt: skip

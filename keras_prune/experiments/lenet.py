@@ -9,9 +9,10 @@ recipe, each part a stock Keras or keras_prune piece:
 2. a sensitivity scan of the dense network on held-out training images
    (`kp.sensitivity_scan`, Han et al.'s Fig. 5), reported;
 3. gradual pruning (`IterativePruningCallback`, polynomial schedule, one
-   target per layer) with the dense network as teacher (knowledge
-   distillation, Hinton et al. 2015, arXiv:1503.02531) and an
-   `AccuracyGuard` on the held-out images;
+   target per layer) with a dense teacher (knowledge distillation, Hinton
+   et al. 2015, arXiv:1503.02531): the network's own dense version, or a
+   dense LeNet-5 (`--teacher lenet5`), and an `AccuracyGuard` on the
+   held-out images;
 4. retraining at the final masks with a lower learning rate.
 
 Every epoch is evaluated on the test set and recorded; the result is the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -96,6 +98,8 @@ def lenet5() -> keras.Model:
 
 
 NETWORKS = {Lenet300Config: lenet300, Lenet5Config: lenet5}
+# `LenetConfig.teacher`'s choices other than "dense".
+TEACHER_NETWORKS = {"lenet5": lenet5}
 
 
 @keras.saving.register_keras_serializable("keras_prune")
@@ -279,6 +283,27 @@ def _evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> flo
     )
 
 
+def _train(
+    network: Callable[[], keras.Model], config: LenetConfig, data: Data, verbose: int
+) -> keras.Model:
+    """A new `network()` trained `dense_epochs` on shifted images."""
+    keras.utils.set_random_seed(config.seed)
+    model = network()
+    compile_model(model, config.dense_lr, config)
+    model.fit(
+        ShiftedImages(
+            data.x_train,
+            data.y_train,
+            config.shift,
+            config.batch_size,
+            seed=config.seed,
+        ),
+        epochs=config.dense_epochs,
+        verbose=verbose,
+    )
+    return model
+
+
 def train_dense(
     config: LenetConfig,
     data: Data,
@@ -290,20 +315,7 @@ def train_dense(
     `folder` (its row is row 0)."""
     if folder.rows:
         return folder.load_model("dense")
-    keras.utils.set_random_seed(config.seed)
-    dense = NETWORKS[type(config)]()
-    compile_model(dense, config.dense_lr, config)
-    dense.fit(
-        ShiftedImages(
-            data.x_train,
-            data.y_train,
-            config.shift,
-            config.batch_size,
-            seed=config.seed,
-        ),
-        epochs=config.dense_epochs,
-        verbose=verbose,
-    )
+    dense = _train(NETWORKS[type(config)], config, data, verbose)
     row = {
         "epoch": config.dense_epochs - 1,
         "phase": "dense",
@@ -315,6 +327,29 @@ def train_dense(
     }
     folder.record([row], {"dense": dense})
     return dense
+
+
+def train_teacher(
+    config: LenetConfig,
+    dense: keras.Model,
+    data: Data,
+    folder: RunFolder,
+    verbose: int = 2,
+) -> keras.Model | None:
+    """The network whose softened outputs the pruned one learns from:
+    `None` without distillation, `dense` itself, or the dense network
+    `config.teacher` names, trained as `dense` was (or read back from
+    `folder`, which checkpoints it with the dense row)."""
+    if not config.distill:
+        return None
+    network = TEACHER_NETWORKS.get(config.teacher)
+    if network is None or network is NETWORKS[type(config)]:
+        return dense
+    if "teacher" in folder.checkpoints:
+        return folder.load_model("teacher")
+    teacher = _train(network, config, data, verbose)
+    folder.record(folder.rows, {"teacher": teacher})
+    return teacher
 
 
 def scan(
@@ -333,10 +368,12 @@ def prune(
     validation: tuple[np.ndarray, np.ndarray],
     folder: RunFolder,
     verbose: int = 2,
+    teacher: keras.Model | None = None,
 ) -> tuple[keras.Model, kp.IterativePruningCallback]:
     """Prunes every layer to its kept fraction on a polynomial schedule over
-    `prune_epochs`, then retrains `tune_epochs`; one row and checkpoint per
-    epoch, continuing after the last recorded one."""
+    `prune_epochs`, then retrains `tune_epochs`, learning from `teacher`'s
+    softened outputs where one is given; one row and checkpoint per epoch,
+    continuing after the last recorded one."""
     done = len(folder.rows) - 1
     if done:
         masked = folder.load_model("masked")
@@ -369,7 +406,7 @@ def prune(
                 data.y_train,
                 config.shift,
                 config.batch_size,
-                teacher=dense if config.distill else None,
+                teacher=teacher,
                 seed=config.seed + 1 + epoch,
             ),
             initial_epoch=epoch,
@@ -409,6 +446,8 @@ class LenetResult:
     rows: list[dict[str, Any]]
     scan: kp.SensitivityScan
     summary: str
+    # Test error of a teacher other than the dense network (`None`: none).
+    teacher_error: float | None
     wall_seconds: float
     versions: dict[str, str]
 
@@ -437,9 +476,10 @@ def run(
         folder = RunFolder(config.out, settings(config))
     data, validation = held_out(prepare_data(config), config.validation)
     dense = train_dense(config, data, validation, folder, verbose)
+    teacher = train_teacher(config, dense, data, folder, verbose)
     sensitivity = scan(dense, validation)
     sensitivity.to_csv(folder.file("sensitivity.csv"))
-    masked, _ = prune(config, dense, data, validation, folder, verbose)
+    masked, _ = prune(config, dense, data, validation, folder, verbose, teacher)
     # Stock Keras layers, pruned weights at zero: loads anywhere.
     save_without_optimizer(kp.strip_pruning(masked), folder.file("pruned.keras"))
     folder.record(folder.rows, finished=True)
@@ -448,6 +488,11 @@ def run(
         rows=folder.rows,
         scan=sensitivity,
         summary=str(kp.sparsity_summary(masked)),
+        teacher_error=(
+            None
+            if teacher is None or teacher is dense
+            else 1.0 - _evaluate(teacher, data.x_test, data.y_test)
+        ),
         wall_seconds=folder.seconds(),
         versions=versions(),
     )

@@ -46,6 +46,13 @@ def network(config: LenetConfig) -> str:
     return "LeNet-300-100" if isinstance(config, Lenet300Config) else "LeNet-5"
 
 
+def teacher(config: LenetConfig) -> str:
+    """The teacher of the pruning, in words."""
+    if config.teacher == "dense" or network(config) == "LeNet-5":
+        return "the dense network"
+    return "a dense LeNet-5 (trained as the dense network was)"
+
+
 def _layers(row: dict[str, Any]) -> list[str]:
     return [key.removeprefix("kept_") for key in row if key.startswith("kept_")]
 
@@ -59,6 +66,14 @@ def results_table(result: LenetResult) -> str:
     ]
     for method, reference, kept, error in PUBLISHED[network(result.config)]:
         lines.append(f"| {method} ({reference}) | {kept:.2%} | {error:.2%} |")
+    lines.append(
+        f"| keras_prune, dense | 100.00% | {result.rows[0]['test_error']:.2%} |"
+    )
+    if result.teacher_error is not None:
+        lines.append(
+            f"| keras_prune's teacher, {teacher(result.config)} (not pruned) | "
+            f"100.00% | {result.teacher_error:.2%} |"
+        )
     lines.append(
         f"| **keras_prune, last epoch** | **{last['kept']:.2%}** | "
         f"**{last['test_error']:.2%}** |"
@@ -170,7 +185,7 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 - Dense training: {config.dense_epochs} epochs on training images shifted at
   random by up to {config.shift} pixels.
 - Pruning: every layer by magnitude to its own target on a polynomial schedule
-  over {config.prune_epochs} epochs, with the dense network as teacher
+  over {config.prune_epochs} epochs, with {teacher(config)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
   accuracy on {config.validation:,} held-out training images is undone and

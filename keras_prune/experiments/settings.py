@@ -225,6 +225,10 @@ class StructuredConfig(SeedNetConfig):
         }
 
 
+# The networks `LenetConfig.teacher` names, besides the pruned one's own.
+TEACHERS = ("dense", "lenet5")
+
+
 @dataclasses.dataclass(frozen=True)
 class LenetConfig(JobConfig):
     """Settings shared by `keras-prune lenet300` and `keras-prune lenet5`:
@@ -246,9 +250,15 @@ class LenetConfig(JobConfig):
     tune_epochs: int = _option(30, "epochs of retraining after the last cut")
     prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
     tune_lr: float = _option(1e-4, "Adam learning rate after the last cut")
+    teacher: str = _option(
+        "dense",
+        "the network whose softened outputs the pruned one learns from: dense "
+        "(its own dense version) or lenet5 (a dense LeNet-5, trained first on "
+        "the same images; for keras-prune lenet5 the same as dense)",
+    )
     distill: float = _option(
         0.7,
-        "weight of the dense network's softened outputs in the pruned network's "
+        "weight of the teacher's softened outputs in the pruned network's "
         "loss (knowledge distillation; 0: labels only)",
     )
     temperature: float = _option(4.0, "softmax temperature of the distillation")
@@ -266,6 +276,12 @@ class LenetConfig(JobConfig):
             ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
             ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            (
+                "teacher",
+                "a teacher network",
+                lambda v: v in TEACHERS,
+                f"one of {', '.join(TEACHERS)}",
+            ),
             ("distill", "a loss weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("temperature", "a temperature", lambda v: v > 0, "> 0"),
             ("tolerance", "an accuracy drop", lambda v: v >= 0, ">= 0"),
@@ -306,6 +322,12 @@ class Lenet300Config(LenetConfig):
         "runs/lenet300",
         "output folder for report.md, rounds.csv, the plots and the checkpoints "
         "that --resume continues from",
+    )
+    teacher: str = _option(
+        "lenet5",
+        "the network whose softened outputs the pruned one learns from: lenet5 "
+        "(a dense LeNet-5, trained first on the same images; the stronger "
+        "teacher) or dense (LeNet-300-100's own dense version)",
     )
     kept_fc1: float = _option(0.01, "fraction of fc1's 235,200 weights kept")
     kept_fc2: float = _option(0.04, "fraction of fc2's 30,000 weights kept")
