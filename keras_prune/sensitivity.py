@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_prune.masking import layer_labels, masked_layers
 from keras_prune.masks import magnitude_mask, validate_sparsity
+from keras_prune.plotting import finish
 
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
 
@@ -173,12 +174,7 @@ class SensitivityScan:
         axes.grid(True, alpha=0.3)
         axes.legend(loc="best", fontsize="small")
         axes.set_title("Sensitivity: one layer pruned at a time, no retraining")
-        figure.tight_layout()
-        if path is None:
-            return figure
-        figure.savefig(path)
-        plt.close(figure)
-        return None
+        return finish(figure, path)
 
 
 def sensitivity_scan(

@@ -12,6 +12,7 @@ from keras_prune.experiments.progress import CSV
 from keras_prune.experiments.report import _settings_and_versions, _write
 from keras_prune.experiments.report import unfinished_report as _unfinished
 from keras_prune.experiments.settings import Lenet300Config, LenetConfig
+from keras_prune.plotting import finish
 
 # (method, reference, fraction of all weights kept, test error), as the
 # papers report them.
@@ -145,12 +146,7 @@ def plot(result: LenetResult, path: str | None = None) -> Any:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", fontsize="small")
     axes.set_title(f"{network(result.config)} on MNIST: gradual magnitude pruning")
-    figure.tight_layout()
-    if path is None:
-        return figure
-    figure.savefig(path)
-    plt.close(figure)
-    return None
+    return finish(figure, path)
 
 
 def write_report(result: LenetResult, folder: str) -> dict[str, str]:

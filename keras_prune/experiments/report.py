@@ -17,6 +17,7 @@ from keras_prune.experiments.mnist import (
 )
 from keras_prune.experiments.progress import CSV
 from keras_prune.experiments.settings import JobConfig
+from keras_prune.plotting import finish
 
 
 def _seed_accuracy(kept: float) -> float | None:
@@ -127,12 +128,7 @@ def plot(rounds: list[Round], path: str | None = None) -> Any:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower left")
     axes.set_title("MNIST convnet: iterative pruning of fc1 and fc2")
-    figure.tight_layout()
-    if path is None:
-        return figure
-    figure.savefig(path)
-    plt.close(figure)
-    return None
+    return finish(figure, path)
 
 
 def _settings_and_versions(config: JobConfig, versions: dict[str, str]) -> str:

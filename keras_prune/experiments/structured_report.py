@@ -14,6 +14,7 @@ from keras_prune.experiments.report import (
 )
 from keras_prune.experiments.settings import StructuredConfig
 from keras_prune.experiments.structured import Epoch, StructuredResult
+from keras_prune.plotting import finish
 
 PLOT = "accuracy_vs_speedup.png"
 
@@ -89,12 +90,7 @@ def plot(rows: list[Epoch], path: str | None = None) -> Any:
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower left")
     axes.set_title("MNIST convnet: structured pruning of conv1, conv2 and fc1")
-    figure.tight_layout()
-    if path is None:
-        return figure
-    figure.savefig(path)
-    plt.close(figure)
-    return None
+    return finish(figure, path)
 
 
 _NETWORK = """Network: the TensorFlow-tutorial convnet of the seed report (conv
