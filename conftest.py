@@ -33,6 +33,23 @@ TENSORFLOW_ONLY = [
 ]
 collect_ignore = TENSORFLOW_ONLY if keras.backend.backend() != "tensorflow" else []
 
+# Tests of the training side, which runs no sparse kernel: CI's run with the
+# native kernel off (KERAS_PRUNE_NATIVE=0) has nothing new to find in them,
+# and the TensorFlow, JAX and PyTorch runs cover them.
+TRAINING_SIDE = [
+    "tests/test_callbacks.py",
+    "tests/test_guard.py",
+    "tests/test_masking.py",
+    "tests/test_masks.py",
+    "tests/test_progress.py",
+    "tests/test_schedules.py",
+    "tests/test_sensitivity.py",
+    "tests/test_shrink.py",
+    "tests/test_structured.py",
+]
+if os.environ.get("KERAS_PRUNE_NATIVE") == "0":
+    collect_ignore += TRAINING_SIDE
+
 # Doctests that run keras_prune's native kernel: skipped, with the reason,
 # where it is not available (no compiler, or KERAS_PRUNE_NATIVE=0).
 NEEDS_NATIVE_KERNEL = {"keras_prune.inference.native.sparse_matmul"}
