@@ -152,7 +152,7 @@ def lenet300_run(tmp_path_factory):
 def test_lenet300_reaches_every_layers_target_and_reports_it(lenet300_run):
     out, printed = lenet300_run
     assert "Sparse VD" in printed and "| fc1 | 235,200 | 1.00% | 2,352 |" in printed
-    assert "| keras_prune's teacher, a dense LeNet-5" in printed  # the default
+    assert "| keras_prune's teacher (a dense LeNet-5" in printed  # the default
     rows = read_rows(out)
     assert [row["phase"] for row in rows] == ["dense", "prune", "prune", "prune",
                                               "tune"]  # fmt: skip

@@ -72,7 +72,7 @@ def results_table(result: LenetResult) -> str:
     )
     if result.teacher_error is not None:
         lines.append(
-            f"| keras_prune's teacher, {teacher(result.config)} (not pruned) | "
+            "| keras_prune's teacher (a dense LeNet-5, not pruned) | "
             f"100.00% | {result.teacher_error:.2%} |"
         )
     lines.append(
@@ -179,7 +179,7 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 
 - Network: {DESCRIPTIONS[name]}.
 - Dense training: {config.dense_epochs} epochs on training images shifted at
-  random by up to {config.shift} pixels.
+  random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}.
 - Pruning: every layer by magnitude to its own target on a polynomial schedule
   over {config.prune_epochs} epochs, with {teacher(config)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
