@@ -183,6 +183,7 @@ def test_lenet5_prunes_the_convolutions_too(tmp_path):
     config = Lenet5Config(
         data=MNIST, out=str(tmp_path), quick=True, train_samples=1200,
         test_samples=300, validation=300, prune_epochs=2, tolerance=1.0,
+        kept_conv1=0.3, kept_conv2=0.02, kept_fc1=0.002, kept_fc2=0.05,
     )  # fmt: skip
     result = run(config, verbose=0, folder=RunFolder(str(tmp_path), settings(config)))
     last = result.rows[-1]

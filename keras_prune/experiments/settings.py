@@ -342,7 +342,7 @@ class Lenet5Config(LenetConfig):
     Example:
 
     >>> Lenet5Config().kept()
-    {'conv1': 0.3, 'conv2': 0.02, 'fc1': 0.002, 'fc2': 0.05}
+    {'conv1': 0.4, 'conv2': 0.025, 'fc1': 0.0025, 'fc2': 0.05}
     """
 
     out: str = _option(
@@ -350,7 +350,7 @@ class Lenet5Config(LenetConfig):
         "output folder for report.md, rounds.csv, the plots and the checkpoints "
         "that --resume continues from",
     )
-    kept_conv1: float = _option(0.3, "fraction of conv1's 500 weights kept")
-    kept_conv2: float = _option(0.02, "fraction of conv2's 25,000 weights kept")
-    kept_fc1: float = _option(0.002, "fraction of fc1's 400,000 weights kept")
+    kept_conv1: float = _option(0.4, "fraction of conv1's 500 weights kept")
+    kept_conv2: float = _option(0.025, "fraction of conv2's 25,000 weights kept")
+    kept_fc1: float = _option(0.0025, "fraction of fc1's 400,000 weights kept")
     kept_fc2: float = _option(0.05, "fraction of fc2's 5,000 weights kept")
