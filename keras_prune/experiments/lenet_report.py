@@ -47,9 +47,10 @@ def network(config: LenetConfig) -> str:
     return "LeNet-300-100" if isinstance(config, Lenet300Config) else "LeNet-5"
 
 
-def teacher(config: LenetConfig) -> str:
-    """The teacher of the pruning, in words."""
-    if config.teacher == "dense" or network(config) == "LeNet-5":
+def teacher(result: LenetResult) -> str:
+    """The teacher of the pruning, in words: `run` measured a separate
+    teacher's error only where one taught."""
+    if result.teacher_error is None:
         return "the dense network"
     return "a dense LeNet-5 (trained as the dense network was)"
 
@@ -181,7 +182,7 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 - Dense training: {config.dense_epochs} epochs on training images shifted at
   random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}.
 - Pruning: every layer by magnitude to its own target on a polynomial schedule
-  over {config.prune_epochs} epochs, with {teacher(config)} as teacher
+  over {config.prune_epochs} epochs, with {teacher(result)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
   accuracy on {config.validation:,} held-out training images is undone and
