@@ -14,6 +14,7 @@ from keras_prune.experiments.lenet import (
     DistillationLoss,
     ShiftedImages,
     held_out,
+    layer_schedule,
     lenet5,
     lenet300,
     run,
@@ -121,6 +122,28 @@ def test_a_bad_teacher_is_named():
     with pytest.raises(ValueError, match=r"--teacher .*one of dense, lenet5\. "
                        r"Received: --teacher='vgg'"):  # fmt: skip
         Lenet300Config(teacher="vgg").validate()
+
+
+def test_each_schedule_ends_on_the_layers_target_after_prune_epochs():
+    # Kept fraction 1/8 over 3 epochs: geometric keeps half of the survivors
+    # at each cut (1/2, 1/4, 1/8); the cubic gives 1 - 7/8 * (1 - (1 - k/3)^3).
+    def kept(schedule):
+        config = Lenet300Config(prune_epochs=3, schedule=schedule)
+        return [1 - layer_schedule(config, 1 / 8)(epoch) for epoch in range(5)]
+
+    halves = [1 / 2, 1 / 4, 1 / 8, 1 / 8, 1 / 8]
+    np.testing.assert_allclose(kept("geometric"), halves)
+    cubic = [1 - 7 / 8 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)]
+    np.testing.assert_allclose(kept("polynomial"), [*cubic, 1 / 8, 1 / 8])
+    # A layer kept whole is never cut.
+    config = Lenet300Config(schedule="geometric")
+    assert [layer_schedule(config, 1.0)(epoch) for epoch in range(70)] == [0.0] * 70
+
+
+def test_a_bad_schedule_is_named():
+    with pytest.raises(ValueError, match=r"--schedule .*one of polynomial, "
+                       r"geometric\. Received: --schedule='cosine'"):  # fmt: skip
+        Lenet5Config(schedule="cosine").validate()
 
 
 def test_a_bad_lenet_option_stops_before_anything_runs(tmp_path, capsys):

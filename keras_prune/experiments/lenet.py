@@ -8,8 +8,8 @@ recipe, each part a stock Keras or keras_prune piece:
 1. dense training on randomly shifted images (`ShiftedImages`);
 2. a sensitivity scan of the dense network on held-out training images
    (`kp.sensitivity_scan`, Han et al.'s Fig. 5), reported;
-3. gradual pruning (`IterativePruningCallback`, polynomial schedule, one
-   target per layer) with a dense teacher (knowledge distillation, Hinton
+3. gradual pruning (`IterativePruningCallback`, a polynomial or geometric
+   schedule, one target per layer) with a dense teacher (knowledge distillation, Hinton
    et al. 2015, arXiv:1503.02531): the network's own dense version, or a
    dense LeNet-5 (`--teacher lenet5`), and an `AccuracyGuard` on the
    held-out images;
@@ -361,6 +361,20 @@ def scan(
     )
 
 
+def layer_schedule(config: LenetConfig, kept: float) -> kp.PruningSchedule:
+    """The schedule that takes one layer from all its weights to the fraction
+    `kept` in `config.prune_epochs` cuts, one per epoch from epoch 0:
+    `config.schedule` "polynomial" (cubic in sparsity) or "geometric" (the
+    same share `kept ** (1 / prune_epochs)` of the survivors kept by each)."""
+    last = config.prune_epochs - 1
+    if config.schedule == "geometric":
+        # A layer kept whole would need factor 1, which GeometricSchedule
+        # refuses; its final sparsity 0 caps any factor below 1.
+        factor = min(kept ** (1.0 / config.prune_epochs), 1.0 - 1e-6)
+        return kp.GeometricSchedule(1.0 - kept, 0, last, factor=factor)
+    return kp.PolynomialSchedule(1.0 - kept, 0, last)
+
+
 def prune(
     config: LenetConfig,
     dense: keras.Model,
@@ -370,7 +384,7 @@ def prune(
     verbose: int = 2,
     teacher: keras.Model | None = None,
 ) -> tuple[keras.Model, kp.IterativePruningCallback]:
-    """Prunes every layer to its kept fraction on a polynomial schedule over
+    """Prunes every layer to its kept fraction on `layer_schedule` over
     `prune_epochs`, then retrains `tune_epochs`, learning from `teacher`'s
     softened outputs where one is given; one row and checkpoint per epoch,
     continuing after the last recorded one."""
@@ -389,8 +403,7 @@ def prune(
     )
     pruning = kp.IterativePruningCallback(
         schedule={
-            name: kp.PolynomialSchedule(1.0 - kept, 0, config.prune_epochs - 1)
-            for name, kept in config.kept().items()
+            name: layer_schedule(config, kept) for name, kept in config.kept().items()
         },
         guard=guard,
     )

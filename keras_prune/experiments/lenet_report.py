@@ -181,8 +181,8 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 - Network: {DESCRIPTIONS[name]}.
 - Dense training: {config.dense_epochs} epochs on training images shifted at
   random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}.
-- Pruning: every layer by magnitude to its own target on a polynomial schedule
-  over {config.prune_epochs} epochs, with {teacher(result)} as teacher
+- Pruning: every layer by magnitude to its own target on a {config.schedule}
+  schedule over {config.prune_epochs} epochs, with {teacher(result)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
   accuracy on {config.validation:,} held-out training images is undone and

@@ -215,6 +215,12 @@ class StructuredConfig(SeedNetConfig):
             ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
             ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            (
+                "schedule",
+                "a pruning schedule",
+                lambda v: v in SCHEDULES,
+                f"one of {', '.join(SCHEDULES)}",
+            ),
             *super()._checks(),
         ]
 
@@ -227,6 +233,7 @@ class StructuredConfig(SeedNetConfig):
 
 # The networks `LenetConfig.teacher` names, besides the pruned one's own.
 TEACHERS = ("dense", "lenet5")
+SCHEDULES = ("polynomial", "geometric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +252,14 @@ class LenetConfig(JobConfig):
         1, "training images shifted at random by up to this many pixels (0: none)"
     )
     prune_epochs: int = _option(
-        60, "epochs over which the polynomial schedule reaches the targets"
+        60, "epochs over which the schedule reaches the targets"
+    )
+    schedule: str = _option(
+        "polynomial",
+        "how each layer's kept fraction falls to its target: polynomial (Zhu & "
+        "Gupta's cubic: big cuts first, the biggest share of the survivors at "
+        "the end) or geometric (the same share of the survivors every epoch, "
+        "as in Han et al.'s rounds: gentler at the end)",
     )
     tune_epochs: int = _option(30, "epochs of retraining after the last cut")
     prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
@@ -276,6 +290,12 @@ class LenetConfig(JobConfig):
             ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
             ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            (
+                "schedule",
+                "a pruning schedule",
+                lambda v: v in SCHEDULES,
+                f"one of {', '.join(SCHEDULES)}",
+            ),
             (
                 "teacher",
                 "a teacher network",
