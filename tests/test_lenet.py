@@ -11,6 +11,7 @@ import pytest
 
 from keras_prune.cli import main
 from keras_prune.experiments.lenet import (
+    TEACHER_NETWORKS,
     DistillationLoss,
     ShiftedImages,
     held_out,
@@ -23,7 +24,7 @@ from keras_prune.experiments.lenet import (
 )
 from keras_prune.experiments.mnist import Data
 from keras_prune.experiments.progress import RunFolder
-from keras_prune.experiments.settings import Lenet5Config, Lenet300Config
+from keras_prune.experiments.settings import TEACHERS, Lenet5Config, Lenet300Config
 from tests.backend_utils import end_to_end_once, same_without_native_kernel
 from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
 
@@ -116,6 +117,11 @@ def test_the_teacher_is_the_one_asked_for_and_read_back_on_resume(tmp_path):
     assert again is not trained
     for before, after in zip(trained.weights, again.weights, strict=True):
         np.testing.assert_array_equal(before.numpy(), after.numpy())
+
+
+def test_every_teacher_choice_has_a_network():
+    # settings imports without Keras, so the choices and builders live apart.
+    assert sorted(TEACHERS) == sorted(["dense", *TEACHER_NETWORKS])
 
 
 def test_a_bad_teacher_is_named():
