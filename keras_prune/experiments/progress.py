@@ -82,6 +82,7 @@ class RunFolder:
         self.settings = json.loads(json.dumps(settings))  # as read back
         self.rows: list[dict[str, Any]] = []
         self.finished = False
+        self.finished_before = False  # finished when resumed: only reported
         self.earlier_seconds = 0.0  # wall time of the run's earlier sessions
         self.checkpoints: dict[str, str] = {}  # name -> file in checkpoints/
         self.seed_states: dict[str, list[Any]] = {}
@@ -113,6 +114,7 @@ class RunFolder:
                 )
             self.rows = recorded["rows"]
             self.finished = recorded["finished"]
+            self.finished_before = self.finished
             self.earlier_seconds = recorded["seconds"]
             self.checkpoints = recorded["checkpoints"]
             self.seed_states = recorded["seed_states"]
@@ -160,7 +162,11 @@ class RunFolder:
             random.setstate((version, tuple(state), gauss))
 
     def seconds(self) -> float:
-        """Wall time of the run so far, over all its sessions, in seconds."""
+        """Wall time of the run so far, over all its sessions, in seconds. A
+        run that was finished when resumed is only reported again: its time
+        stays what it was."""
+        if self.finished_before:
+            return self.earlier_seconds
         return self.earlier_seconds + time.perf_counter() - self.started
 
     def record(
