@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     experiment = importlib.import_module(experiment_name)
     report = importlib.import_module(report_name)
     try:
-        folder = RunFolder(config.out, experiment.settings(config), resume=args.resume)
+        folder = RunFolder(
+            config.out,
+            experiment.settings(config),
+            resume=args.resume,
+            defaults=experiment.settings(config_class()),
+        )
     except (FileExistsError, ValueError) as error:
         return _error(error)
     except OSError as error:

@@ -11,6 +11,7 @@ import pytest
 
 from keras_prune.cli import main
 from keras_prune.experiments.lenet import (
+    SCHEDULE_BUILDERS,
     TEACHER_NETWORKS,
     DistillationLoss,
     ShiftedImages,
@@ -24,7 +25,12 @@ from keras_prune.experiments.lenet import (
 )
 from keras_prune.experiments.mnist import Data
 from keras_prune.experiments.progress import RunFolder
-from keras_prune.experiments.settings import TEACHERS, Lenet5Config, Lenet300Config
+from keras_prune.experiments.settings import (
+    SCHEDULES,
+    TEACHERS,
+    Lenet5Config,
+    Lenet300Config,
+)
 from tests.backend_utils import end_to_end_once, same_without_native_kernel
 from tests.test_mnist import MNIST, finish, keras_prune_command, read_rows
 
@@ -141,9 +147,12 @@ def test_each_schedule_ends_on_the_layers_target_after_prune_epochs():
     np.testing.assert_allclose(kept("geometric"), halves)
     cubic = [1 - 7 / 8 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)]
     np.testing.assert_allclose(kept("polynomial"), [*cubic, 1 / 8, 1 / 8])
-    # A layer kept whole is never cut.
+    # A layer kept whole is never cut; a factor that is not a power of two
+    # still ends exactly on the target, at the last of the 60 epochs.
     config = Lenet300Config(schedule="geometric")
     assert [layer_schedule(config, 1.0)(epoch) for epoch in range(70)] == [0.0] * 70
+    assert layer_schedule(config, 0.4)(58) < 0.6 == layer_schedule(config, 0.4)(59)
+    assert sorted(SCHEDULES) == sorted(SCHEDULE_BUILDERS)
 
 
 def test_a_bad_schedule_is_named():

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_prune.cli import main
+from keras_prune.cli import COMMANDS, main
 from keras_prune.experiments.data import load_mnist
 from keras_prune.experiments.mnist import (
     Data,
@@ -287,7 +287,7 @@ class Uninstalled(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Uninstalled())
 import keras_prune as kp
-from keras_prune.cli import main
+from keras_prune.cli import COMMANDS, main
 
 try:
     kp.make_prunable
@@ -317,6 +317,15 @@ def test_without_a_keras_backend_the_command_names_the_extra(tmp_path):
         "importing Keras failed: No module named 'tensorflow'"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_accepts_its_own_defaults(command):
+    # A check that reads a setting the command does not have would stop
+    # every run of it; the end-to-end tests run only some commands per backend.
+    settings = COMMANDS[command][0]
+    settings().validate()
+    settings(quick=True).resolved().validate()
 
 
 def test_a_bad_option_stops_before_anything_runs(tmp_path, capsys):

@@ -85,20 +85,34 @@ def test_a_finished_run_is_not_overwritten_either(tmp_path):
     assert os.listdir(tmp_path / "checkpoints") == ["net-1.keras"]
 
 
+def test_a_setting_added_after_a_run_was_recorded_counts_as_its_default(tmp_path):
+    RunFolder(tmp_path, {"rounds": 3}).record([{"round": 0}])
+    newer = {"rounds": 3, "schedule": "polynomial"}
+    resumed = RunFolder(tmp_path, newer, True, defaults={"schedule": "polynomial"})
+    assert resumed.rows == [{"round": 0}]
+    with pytest.raises(ValueError, match=r"schedule='geometric' \(the run has "
+                       r"'polynomial'\)"):  # fmt: skip
+        RunFolder(tmp_path, {**newer, "schedule": "geometric"}, True,
+                  defaults={"schedule": "polynomial"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"schedule='polynomial' \(the run has None"):
+        RunFolder(tmp_path, newer, resume=True)  # without defaults
+
+
 def test_reporting_a_finished_run_again_keeps_its_wall_time(tmp_path):
     folder = RunFolder(tmp_path, {})
     folder.record([{"round": 0}])  # an unfinished run: its time counts on
     unfinished = json.loads((tmp_path / "progress.json").read_text())["seconds"]
     resumed = RunFolder(tmp_path, {}, resume=True)
     assert resumed.seconds() > unfinished
-    resumed.earlier_seconds = 600.0  # as if the run had taken 10 minutes
+    resumed.earlier_seconds = 600.0  # 10 minutes before the stop,
+    resumed.started -= 50.0  # and 50 seconds to finish it after the resume
     resumed.record(resumed.rows, finished=True)
     again = RunFolder(tmp_path, {}, resume=True)
     again.started -= 100.0  # as if reporting it again took 100 seconds
     again.record(again.rows, finished=True)  # what a job does when reporting
-    assert again.seconds() == pytest.approx(600.0, abs=1.0)
+    assert again.seconds() == pytest.approx(650.0, abs=1.0)
     recorded = json.loads((tmp_path / "progress.json").read_text())["seconds"]
-    assert recorded == pytest.approx(600.0, abs=1.0)
+    assert recorded == pytest.approx(650.0, abs=1.0)
 
 
 def test_a_resumed_run_makes_layers_with_the_seeds_a_run_that_went_on_made(tmp_path):

@@ -8,11 +8,11 @@ recipe, each part a stock Keras or keras_prune piece:
 1. dense training on randomly shifted images (`ShiftedImages`);
 2. a sensitivity scan of the dense network on held-out training images
    (`kp.sensitivity_scan`, Han et al.'s Fig. 5), reported;
-3. gradual pruning (`IterativePruningCallback`, a polynomial or geometric
-   schedule, one target per layer) with a dense teacher (knowledge distillation, Hinton
-   et al. 2015, arXiv:1503.02531): the network's own dense version, or a
-   dense LeNet-5 (`--teacher lenet5`), and an `AccuracyGuard` on the
-   held-out images;
+3. gradual pruning (`IterativePruningCallback`, one target per layer on a
+   polynomial or geometric schedule) with a dense teacher (knowledge
+   distillation, Hinton et al. 2015, arXiv:1503.02531): the network's own
+   dense version, or a dense LeNet-5 (`--teacher lenet5`), and an
+   `AccuracyGuard` on the held-out images;
 4. retraining at the final masks with a lower learning rate.
 
 Every epoch is evaluated on the test set and recorded; the result is the
@@ -361,18 +361,34 @@ def scan(
     )
 
 
+def _geometric(kept: float, epochs: int) -> kp.PruningSchedule:
+    # A layer kept whole would need factor 1, which GeometricSchedule
+    # refuses; its final sparsity 0 caps any factor below 1.
+    factor = min(kept ** (1.0 / epochs), 1.0 - 1e-6)
+    return kp.GeometricSchedule(1.0 - kept, 0, epochs - 1, factor=factor)
+
+
+# `LenetConfig.schedule`'s choices: (kept fraction, epochs) -> schedule.
+SCHEDULE_BUILDERS: dict[str, Callable[[float, int], kp.PruningSchedule]] = {
+    "polynomial": lambda kept, epochs: kp.PolynomialSchedule(1.0 - kept, 0, epochs - 1),
+    "geometric": _geometric,
+}
+
+
 def layer_schedule(config: LenetConfig, kept: float) -> kp.PruningSchedule:
     """The schedule that takes one layer from all its weights to the fraction
     `kept` in `config.prune_epochs` cuts, one per epoch from epoch 0:
-    `config.schedule` "polynomial" (cubic in sparsity) or "geometric" (the
-    same share `kept ** (1 / prune_epochs)` of the survivors kept by each)."""
-    last = config.prune_epochs - 1
-    if config.schedule == "geometric":
-        # A layer kept whole would need factor 1, which GeometricSchedule
-        # refuses; its final sparsity 0 caps any factor below 1.
-        factor = min(kept ** (1.0 / config.prune_epochs), 1.0 - 1e-6)
-        return kp.GeometricSchedule(1.0 - kept, 0, last, factor=factor)
-    return kp.PolynomialSchedule(1.0 - kept, 0, last)
+    `config.schedule` "polynomial" (sparsity a cubic of the epoch, Zhu &
+    Gupta) or "geometric" (each cut keeps the same share
+    `kept ** (1 / prune_epochs)` of the survivors). The last cut lands
+    exactly on `kept`."""
+    build = SCHEDULE_BUILDERS.get(config.schedule)
+    if build is None:
+        raise ValueError(
+            f"Expected --schedule one of {', '.join(SCHEDULE_BUILDERS)}. "
+            f"Received: --schedule={config.schedule!r}"
+        )
+    return build(kept, config.prune_epochs)
 
 
 def prune(

@@ -58,6 +58,9 @@ class RunFolder:
         resume: Whether to continue the run recorded in `path` (a folder
             without one starts a new run). Defaults to `False`, which refuses
             a folder that holds a run: nothing recorded is ever overwritten.
+        defaults: The default of each setting, for runs recorded before a
+            setting existed: a setting the recorded run lacks counts as its
+            default. Defaults to `None` (a missing setting differs).
 
     Raises:
         FileExistsError: If `resume` is `False` and `path` holds a run.
@@ -77,7 +80,13 @@ class RunFolder:
     ([{'round': 0, 'accuracy': 0.9}], 0)
     """
 
-    def __init__(self, path: str, settings: dict[str, Any], resume: bool = False):
+    def __init__(
+        self,
+        path: str,
+        settings: dict[str, Any],
+        resume: bool = False,
+        defaults: dict[str, Any] | None = None,
+    ):
         self.path = os.fspath(path)
         self.settings = json.loads(json.dumps(settings))  # as read back
         self.rows: list[dict[str, Any]] = []
@@ -98,10 +107,11 @@ class RunFolder:
                 "output folder, or delete this one."
             )
         if recorded is not None and resume:
+            before = {**json.loads(json.dumps(defaults or {})), **recorded["settings"]}
             different = {
-                key: (value, recorded["settings"].get(key))
+                key: (value, before.get(key))
                 for key, value in self.settings.items()
-                if recorded["settings"].get(key) != value
+                if before.get(key) != value
             }
             if different:
                 raise ValueError(

@@ -215,12 +215,6 @@ class StructuredConfig(SeedNetConfig):
             ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
             ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
-            (
-                "schedule",
-                "a pruning schedule",
-                lambda v: v in SCHEDULES,
-                f"one of {', '.join(SCHEDULES)}",
-            ),
             *super()._checks(),
         ]
 
@@ -257,9 +251,10 @@ class LenetConfig(JobConfig):
     schedule: str = _option(
         "polynomial",
         "how each layer's kept fraction falls to its target: polynomial (Zhu & "
-        "Gupta's cubic: big cuts first, the biggest share of the survivors at "
-        "the end) or geometric (the same share of the survivors every epoch, "
-        "as in Han et al.'s rounds: gentler at the end)",
+        "Gupta's cubic: most weights cut early, the largest share of the "
+        "survivors about three-quarters of the way, then tapering off) or "
+        "geometric (the same share of the survivors cut every epoch, as in Han "
+        "et al.'s rounds)",
     )
     tune_epochs: int = _option(30, "epochs of retraining after the last cut")
     prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
@@ -357,7 +352,7 @@ class Lenet300Config(LenetConfig):
     )
     kept_fc1: float = _option(0.01, "fraction of fc1's 235,200 weights kept")
     kept_fc2: float = _option(
-        0.03333333, "fraction of fc2's 30,000 weights kept (0.03333333: 1,000)"
+        0.03333333, "fraction of fc2's 30,000 weights kept (0.03333333 keeps 1,000)"
     )
     kept_fc3: float = _option(0.5, "fraction of fc3's 1,000 weights kept")
 
