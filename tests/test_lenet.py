@@ -222,8 +222,15 @@ def test_lenet5_prunes_the_convolutions_too(tmp_path):
         data=MNIST, out=str(tmp_path), quick=True, train_samples=1200,
         test_samples=300, validation=300, prune_epochs=2, tolerance=1.0,
         kept_conv1=0.3, kept_conv2=0.02, kept_fc1=0.002, kept_fc2=0.05,
+        schedule="geometric",
     )  # fmt: skip
     result = run(config, verbose=0, folder=RunFolder(str(tmp_path), settings(config)))
+    # The geometric schedule's first of two cuts keeps sqrt(kept) of each
+    # layer (the cubic would keep kept + (1 - kept) / 8: 38.75% of conv1).
+    first = result.rows[1]
+    assert first["phase"] == "prune"
+    assert first["kept_conv1"] == pytest.approx(0.3**0.5, abs=1 / 500)
+    assert first["kept_fc2"] == pytest.approx(0.05**0.5, abs=1 / 5000)
     last = result.rows[-1]
     kept = {n: last[f"kept_{n}"] for n in ("conv1", "conv2", "fc1", "fc2")}
     assert kept == pytest.approx(
