@@ -287,7 +287,7 @@ class Uninstalled(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Uninstalled())
 import keras_prune as kp
-from keras_prune.cli import COMMANDS, main
+from keras_prune.cli import main
 
 try:
     kp.make_prunable
