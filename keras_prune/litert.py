@@ -25,7 +25,12 @@ check, measured on the seed network's head):
   2-5) or fail to prepare under the default XNNPACK delegate; without the
   default delegates they are correct and fast. Such a file is written with
   a warning that says how to load it.
-- float16 sparse weights dequantize to NaN on every resolver: refused.
+- int8 sparse weights can also crash the process under the default
+  XNNPACK delegate (a segmentation fault while it prepares them), so the
+  file is checked in a child process (`litert_interpreter.run_isolated`),
+  and `predict` refuses the default resolver for such a file.
+- float16 sparse weights are read wrongly on every resolver (NaN
+  outputs, or a segmentation fault in a fresh process): refused.
 
 Reference: TensorFlow Lite's sparsity format (`SparsityParameters` in
 `schema.fbs`) and Elsen et al. 2020, "Fast Sparse ConvNets",
@@ -49,15 +54,19 @@ from keras import ops
 
 from keras_prune.convert import _check_model, _clone_functional, strip_pruning
 from keras_prune.inference.backend import tensorflow_module
+from keras_prune.litert_interpreter import (
+    RESOLVERS,
+    litert_modules,
+    load,
+    run,
+    run_isolated,
+)
 from keras_prune.masking import find_prunable_weights, is_graph_model, is_prunable
 
 QUANTIZATIONS = ("float", "float16", "int8")
 # Largest accepted output error, `max |tflite - keras| / max |keras|`:
 # float32 round-off; half-precision weights; 8-bit weights (dynamic range).
 TOLERANCE = {"float": 1e-4, "float16": 1e-2, "int8": 5e-2}
-# The op resolvers tried, in order: LiteRT's default (with the XNNPACK
-# delegate), then its builtin kernels without default delegates.
-RESOLVERS = ("default", "without_default_delegates")
 LOAD_WITHOUT_DELEGATES = (
     "Interpreter(model_path=..., experimental_op_resolver_type="
     "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)"
@@ -175,20 +184,6 @@ class LiteRTReport:
         return "\n".join(lines)
 
 
-def _litert() -> tuple[Any, Any, Any]:
-    """`(Interpreter, OpResolverType, schema module)`, from `ai_edge_litert`
-    where it is installed, else from TensorFlow's bundled copy."""
-    try:
-        from ai_edge_litert import schema_py_generated as schema
-        from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    except ImportError:
-        import tensorflow as tf
-        from tensorflow.lite.python import schema_py_generated as schema
-
-        return tf.lite.Interpreter, tf.lite.experimental.OpResolverType, schema
-    return Interpreter, OpResolverType, schema
-
-
 def _stock_model(model: keras.Model) -> keras.Model:
     """`model` with stock layers only: masks stripped, `SparseDense` back to
     `Dense` (a converted `SparseDense` runs gathers, not TFLite's sparse
@@ -270,8 +265,9 @@ def _convert(model: keras.Model, quantization: str, sparsity: bool) -> bytes:
 
 def _tensors(content: bytes) -> list[dict[str, Any]]:
     """The constant tensors of a `.tflite` flatbuffer: name, shape, block
-    size (`None`: stored dense), whether a DENSIFY op reads it, bytes."""
-    _, _, schema = _litert()
+    size (`None`: stored dense), whether a DENSIFY op reads it, whether it
+    holds int8 values, bytes."""
+    _, _, schema = litert_modules()
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
     names = {
         value: name for name, value in vars(schema.BuiltinOperator).items()
@@ -305,6 +301,7 @@ def _tensors(content: bytes) -> list[dict[str, Any]]:
                     "shape": tuple(int(n) for n in tensor.shape),
                     "block": block,
                     "densified": index in densified,
+                    "int8": tensor.type == schema.TensorType.INT8,
                     "bytes": _sparse_bytes(tensor, len(data)),
                 }
             )
@@ -386,33 +383,6 @@ def _weights_report(
     return rows
 
 
-def _interpreter(content: bytes, resolver: str, batch: int) -> Any:
-    """A one-thread interpreter for `content`, its input resized to `batch`
-    rows and its tensors allocated."""
-    interpreter_class, resolver_types, _ = _litert()
-    kind = (
-        resolver_types.AUTO
-        if resolver == "default"
-        else resolver_types.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    )
-    interpreter = interpreter_class(
-        model_content=content, num_threads=1, experimental_op_resolver_type=kind
-    )
-    detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(
-        detail["index"], [batch, *detail["shape"][1:]], strict=False
-    )
-    interpreter.allocate_tensors()
-    return interpreter
-
-
-def _predict(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
-    detail = interpreter.get_input_details()[0]
-    interpreter.set_tensor(detail["index"], inputs.astype(detail["dtype"]))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
-
-
 def _error(got: np.ndarray, expected: np.ndarray) -> float:
     """`max |got - expected| / max |expected|`: relative to the outputs'
     scale, so that small outputs do not hide a wrong file."""
@@ -428,12 +398,14 @@ def _check(
     content: bytes, sample: np.ndarray, expected: np.ndarray, tolerance: float
 ) -> tuple[str, float, list[str]]:
     """The first resolver under which `content` reproduces `expected`, its
-    error, and what went wrong under the resolvers tried before it."""
+    error, and what went wrong under the resolvers tried before it. Each
+    resolver runs the file in a child process: a crash inside LiteRT is a
+    failure of that resolver, not of the user's process."""
     failures = []
     for resolver in RESOLVERS:
         try:
-            got = _predict(_interpreter(content, resolver, len(sample)), sample)
-        except (RuntimeError, ValueError) as failure:
+            got = run_isolated(content, resolver, sample)
+        except RuntimeError as failure:
             failures.append(f"{resolver}: fails to run ({str(failure).strip()[:200]})")
             continue
         error = _error(got, expected)
@@ -449,12 +421,12 @@ def _latencies(
     """Median batch-1 latency (ms) of each `(content, resolver)`, one thread,
     timed in turns so that both see the same machine load."""
     interpreters = {
-        name: _interpreter(content, resolver, 1)
+        name: load(content, resolver, 1)
         for name, (content, resolver) in contents.items()
     }
     for interpreter in interpreters.values():
         for _ in range(5):
-            _predict(interpreter, row)
+            run(interpreter, row)
     times: dict[str, list[float]] = {name: [] for name in interpreters}
     for _ in range(repeats):
         for name, interpreter in interpreters.items():
@@ -690,7 +662,10 @@ def predict(
         The outputs, a numpy array with `len(inputs)` rows.
 
     Raises:
-        ValueError: For an unknown `resolver`.
+        ValueError: For an unknown `resolver`, or `resolver="default"` for a
+            file with int8 sparse weights (LiteRT's XNNPACK delegate
+            computes them wrongly or crashes).
+        RuntimeError: When LiteRT cannot load or run the file.
 
     Example:
 
@@ -721,6 +696,17 @@ def predict(
     if not isinstance(model_file, bytes):
         with open(model_file, "rb") as file:
             model_file = file.read()
+    if resolver == "default" and any(
+        tensor["int8"] and tensor["block"] is not None
+        for tensor in _tensors(model_file)
+    ):
+        # LiteRT 2.3's XNNPACK delegate computes these wrongly or crashes
+        # the process while preparing them (see `litert_interpreter`).
+        raise ValueError(
+            "The file holds int8 sparse weights, which LiteRT's default resolver "
+            "(its XNNPACK delegate) computes wrongly or crashes on: pass "
+            "resolver=\"without_default_delegates\". Received: resolver='default'"
+        )
     inputs = np.asarray(inputs)
     outputs = []
     interpreter = None
@@ -728,8 +714,8 @@ def predict(
         chunk = inputs[start : start + batch_size]
         try:
             if interpreter is None or len(chunk) != batch_size:
-                interpreter = _interpreter(model_file, resolver, len(chunk))
-            outputs.append(_predict(interpreter, chunk))
+                interpreter = load(model_file, resolver, len(chunk))
+            outputs.append(run(interpreter, chunk))
         except RuntimeError as error:
             raise RuntimeError(
                 f"LiteRT cannot run the file with resolver={resolver!r} ({error}). "

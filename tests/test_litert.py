@@ -3,6 +3,7 @@ is checked against the Keras model, and LiteRT's known defects are caught."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import keras
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_prune as kp
-from keras_prune import litert
+from keras_prune import litert, litert_interpreter
 
 L = keras.layers
 
@@ -37,7 +38,7 @@ def seed_head(fc1_density, fc2_density=None, seed=0):
 
 
 def interpreter(path, resolver="default"):
-    interpreter_class, resolvers, _ = litert._litert()
+    interpreter_class, resolvers, _ = litert.litert_modules()
     kind = (
         resolvers.AUTO
         if resolver == "default"
@@ -97,13 +98,52 @@ def test_int8_sparse_file_is_verified_without_the_default_delegates(tmp_path):
     got = run(interpreter(tmp_path / "int8.tflite", "without"), x)
     expected = model.predict(x, verbose=0)
     assert np.abs(got - expected).max() <= 0.05 * max(1, np.abs(expected).max())
+    # predict refuses the resolver that crashes on this file (in a fresh
+    # process LiteRT 2.3 segfaults every time) and runs the one that works.
+    with pytest.raises(ValueError, match=r"int8 sparse weights.*resolver='default'$"):
+        litert.predict(tmp_path / "int8.tflite", x)
+    np.testing.assert_array_equal(
+        litert.predict(
+            tmp_path / "int8.tflite", x, resolver="without_default_delegates"
+        ),
+        got,
+    )
+
+
+def test_a_crash_inside_litert_is_a_failure_not_the_end_of_the_process(
+    tmp_path, monkeypatch
+):
+    # Stands in for LiteRT crashing while it prepares a file: the child
+    # process dies of a segmentation fault under every resolver.
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
+    monkeypatch.setattr(
+        litert_interpreter,
+        "_child_command",
+        lambda *arguments: [sys.executable, "-c", crash],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"default: fails to run \(LiteRT crashed \(SIGSEGV\) while loading "
+        r"or running the file\); without_default_delegates: fails to run "
+        r"\(LiteRT crashed \(SIGSEGV\).*nothing was written",
+    ):
+        kp.export_litert(small_model(), tmp_path / "m.tflite", compare=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_litert_refuses_is_reported_with_litert_s_message():
+    with pytest.raises(RuntimeError, match="(?i)model"):
+        litert_interpreter.run_isolated(
+            b"not a tflite file", "default", np.ones((1, 8), "float32")
+        )
 
 
 def test_float16_sparse_weights_are_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"^export_litert\(quantization='float16'\) made a file whose outputs "
-        r"differ from the model's \(default: wrong outputs .*nothing was written\. "
+        r"differ from the model's \(default: (wrong outputs|fails to run) .*nothing "
+        r"was written\. "
         r"LiteRT dequantizes sparse float16 weights wrongly",
     ):
         kp.export_litert(

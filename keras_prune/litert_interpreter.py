@@ -1,0 +1,150 @@
+"""The LiteRT interpreter side of `export_litert`: load a `.tflite` file
+with one of LiteRT's op resolvers and run it, in this process or, to check
+a file that may crash LiteRT, in a child process.
+
+Why a child process: LiteRT 2.3's XNNPACK delegate (the default resolver)
+does not only compute int8 sparse weights wrongly, it can also crash the
+process while it prepares them (a segmentation fault in
+`Interpreter.allocate_tensors`, measured on the seed network's head: every
+time in a fresh process at batch 8, now and then inside a test run). A
+crash in the child becomes a failure `export_litert` reports, and the
+user's process goes on.
+
+This module imports nothing from keras_prune, Keras or TensorFlow (only
+`ai_edge_litert`, or TensorFlow's bundled `tf.lite` where LiteRT is not
+installed), so the child starts in a fraction of a second. Run as a
+script it takes: model path, inputs (`.npy`), resolver, outputs (`.npy`);
+it writes the outputs there, or LiteRT's error message to
+`outputs + ".error"` and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+# The op resolvers tried, in order: LiteRT's default (with the XNNPACK
+# delegate), then its builtin kernels without default delegates.
+RESOLVERS = ("default", "without_default_delegates")
+# Seconds a child may take to load and run a file before it counts as hung.
+CHILD_SECONDS = 300
+
+
+def litert_modules() -> tuple[Any, Any, Any]:
+    """`(Interpreter, OpResolverType, schema module)`, from `ai_edge_litert`
+    where it is installed, else from TensorFlow's bundled copy."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        import tensorflow as tf
+        from tensorflow.lite.python import schema_py_generated as schema
+
+        return tf.lite.Interpreter, tf.lite.experimental.OpResolverType, schema
+    return Interpreter, OpResolverType, schema
+
+
+def load(content: bytes, resolver: str, batch: int) -> Any:
+    """A one-thread interpreter for `content`, its input resized to `batch`
+    rows and its tensors allocated."""
+    interpreter_class, resolver_types, _ = litert_modules()
+    kind = (
+        resolver_types.AUTO
+        if resolver == "default"
+        else resolver_types.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    result = interpreter_class(
+        model_content=content, num_threads=1, experimental_op_resolver_type=kind
+    )
+    detail = result.get_input_details()[0]
+    result.resize_tensor_input(
+        detail["index"], [batch, *detail["shape"][1:]], strict=False
+    )
+    result.allocate_tensors()
+    return result
+
+
+def run(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
+    """The outputs of an allocated interpreter on `inputs` (a copy)."""
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], inputs.astype(detail["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+
+
+def _child_command(model: str, inputs: str, resolver: str, outputs: str) -> list[str]:
+    """The command that runs this file as a script, without importing the
+    keras_prune package (whose `__init__` imports Keras)."""
+    load = (
+        "import importlib.util, sys; "
+        "spec = importlib.util.spec_from_file_location('litert_child', sys.argv[1]); "
+        "module = importlib.util.module_from_spec(spec); "
+        "spec.loader.exec_module(module); module.main(sys.argv[2:])"
+    )
+    return [sys.executable, "-c", load, __file__, model, inputs, resolver, outputs]
+
+
+def run_isolated(content: bytes, resolver: str, inputs: np.ndarray) -> np.ndarray:
+    """`run(load(content, resolver, len(inputs)), inputs)` in a child
+    process, so that a crash inside LiteRT cannot take this process down.
+
+    Raises:
+        RuntimeError: When LiteRT refuses the file (its message), crashes
+            (the signal's name) or does not finish in `CHILD_SECONDS`.
+    """
+    with tempfile.TemporaryDirectory(prefix="keras_prune_litert_") as folder:
+        model = os.path.join(folder, "model.tflite")
+        with open(model, "wb") as file:
+            file.write(content)
+        given = os.path.join(folder, "inputs.npy")
+        np.save(given, np.asarray(inputs))
+        outputs = os.path.join(folder, "outputs.npy")
+        try:
+            done = subprocess.run(
+                _child_command(model, given, resolver, outputs),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=CHILD_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(
+                f"LiteRT did not finish loading and running the file in "
+                f"{CHILD_SECONDS} s"
+            ) from None
+        if done.returncode < 0:
+            raise RuntimeError(
+                f"LiteRT crashed ({signal.Signals(-done.returncode).name}) while "
+                "loading or running the file"
+            )
+        if os.path.exists(outputs + ".error"):
+            with open(outputs + ".error") as file:
+                raise RuntimeError(file.read())
+        if done.returncode != 0 or not os.path.exists(outputs):
+            tail = done.stderr.decode(errors="replace").strip()[-300:]
+            raise RuntimeError(
+                f"the LiteRT child process stopped with status {done.returncode} "
+                f"({tail})"
+            )
+        return np.load(outputs)
+
+
+def main(arguments: list[str]) -> None:
+    """The child's side of `run_isolated`: `model inputs resolver outputs`."""
+    model, given, resolver, outputs = arguments
+    with open(model, "rb") as file:
+        content = file.read()
+    inputs = np.load(given)
+    try:
+        result = run(load(content, resolver, len(inputs)), inputs)
+    except (RuntimeError, ValueError) as error:
+        with open(outputs + ".error", "w") as file:
+            file.write(str(error).strip())
+        sys.exit(1)
+    np.save(outputs, result)
