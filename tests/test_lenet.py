@@ -11,6 +11,7 @@ import pytest
 
 from keras_prune.cli import main
 from keras_prune.experiments.lenet import (
+    DENSE_DECAY_BUILDERS,
     SCHEDULE_BUILDERS,
     TEACHER_NETWORKS,
     DistillationLoss,
@@ -21,11 +22,13 @@ from keras_prune.experiments.lenet import (
     lenet300,
     run,
     settings,
+    train_network,
     train_teacher,
 )
 from keras_prune.experiments.mnist import Data
 from keras_prune.experiments.progress import RunFolder
 from keras_prune.experiments.settings import (
+    DENSE_DECAYS,
     SCHEDULES,
     TEACHERS,
     Lenet5Config,
@@ -153,6 +156,26 @@ def test_each_schedule_ends_on_the_layers_target_after_prune_epochs():
     assert [layer_schedule(config, 1.0)(epoch) for epoch in range(70)] == [0.0] * 70
     assert layer_schedule(config, 0.4)(58) < 0.6 == layer_schedule(config, 0.4)(59)
     assert sorted(SCHEDULES) == sorted(SCHEDULE_BUILDERS)
+
+
+def test_dense_training_decays_its_learning_rate_to_zero_unless_asked_not_to():
+    rng = np.random.default_rng(0)
+    data = Data(rng.random((64, 28, 28, 1), "float32"), rng.integers(0, 10, 64),
+                None, None)  # fmt: skip
+
+    def final_rate(decay):
+        config = Lenet300Config(dense_epochs=2, batch_size=32, dense_decay=decay)
+        model = train_network(lenet300, config, data, verbose=0)
+        assert int(model.optimizer.iterations) == 4  # 2 epochs of 2 batches
+        return float(model.optimizer.learning_rate)
+
+    # Cosine from 1e-3 reaches 0 at the last of the 4 steps.
+    assert final_rate("cosine") == pytest.approx(0.0, abs=1e-9)
+    assert final_rate("none") == pytest.approx(1e-3)
+    assert sorted(DENSE_DECAYS) == sorted(DENSE_DECAY_BUILDERS)
+    with pytest.raises(ValueError, match=r"--dense-decay .*one of cosine, none\. "
+                       r"Received: --dense-decay='step'"):  # fmt: skip
+        Lenet300Config(dense_decay="step").validate()
 
 
 def test_a_bad_schedule_is_named():

@@ -154,7 +154,11 @@ def label_accuracy(y_true: Any, y_pred: Any) -> Any:
     return ops.cast(ops.equal(labels, ops.argmax(y_pred, axis=-1)), "float32")
 
 
-def compile_model(model: keras.Model, learning_rate: float, config: LenetConfig):
+def compile_model(
+    model: keras.Model,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+    config: LenetConfig,
+):
     """Adam, `DistillationLoss`, and `label_accuracy` logged as accuracy."""
     model.compile(
         keras.optimizers.Adam(learning_rate),
@@ -283,24 +287,29 @@ def _evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> flo
     )
 
 
-def _train(
+# `LenetConfig.dense_decay`'s choices: (learning rate, steps) -> the
+# learning rate (or its schedule) of the dense training.
+DENSE_DECAY_BUILDERS: dict[str, Callable[[float, int], Any]] = {
+    "cosine": lambda rate, steps: keras.optimizers.schedules.CosineDecay(rate, steps),
+    "none": lambda rate, steps: rate,
+}
+
+
+def train_network(
     network: Callable[[], keras.Model], config: LenetConfig, data: Data, verbose: int
 ) -> keras.Model:
-    """A new `network()` trained `dense_epochs` on shifted images."""
+    """A new `network()` trained `dense_epochs` on shifted images, its
+    learning rate falling as `config.dense_decay` says."""
     keras.utils.set_random_seed(config.seed)
     model = network()
-    compile_model(model, config.dense_lr, config)
-    model.fit(
-        ShiftedImages(
-            data.x_train,
-            data.y_train,
-            config.shift,
-            config.batch_size,
-            seed=config.seed,
-        ),
-        epochs=config.dense_epochs,
-        verbose=verbose,
+    images = ShiftedImages(
+        data.x_train, data.y_train, config.shift, config.batch_size, seed=config.seed
     )
+    learning_rate = DENSE_DECAY_BUILDERS[config.dense_decay](
+        config.dense_lr, config.dense_epochs * len(images)
+    )
+    compile_model(model, learning_rate, config)
+    model.fit(images, epochs=config.dense_epochs, verbose=verbose)
     return model
 
 
@@ -315,7 +324,7 @@ def train_dense(
     `folder` (its row is row 0)."""
     if folder.rows:
         return folder.load_model("dense")
-    dense = _train(NETWORKS[type(config)], config, data, verbose)
+    dense = train_network(NETWORKS[type(config)], config, data, verbose)
     row = {
         "epoch": config.dense_epochs - 1,
         "phase": "dense",
@@ -347,7 +356,7 @@ def train_teacher(
         return dense
     if "teacher" in folder.checkpoints:
         return folder.load_model("teacher")
-    teacher = _train(network, config, data, verbose)
+    teacher = train_network(network, config, data, verbose)
     folder.record(folder.rows, {"teacher": teacher})
     return teacher
 

@@ -228,6 +228,8 @@ class StructuredConfig(SeedNetConfig):
 # The networks `LenetConfig.teacher` names, besides the pruned one's own.
 TEACHERS = ("dense", "lenet5")
 SCHEDULES = ("polynomial", "geometric")
+# How the dense training's learning rate falls (`LenetConfig.dense_decay`).
+DENSE_DECAYS = ("cosine", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +239,12 @@ class LenetConfig(JobConfig):
     with the dense network as teacher and an accuracy guard."""
 
     dense_epochs: int = _option(30, "epochs of dense training before pruning")
+    dense_decay: str = _option(
+        "cosine",
+        "how the dense training's learning rate falls: cosine (from --dense-lr "
+        "to 0 over --dense-epochs: a dense network and teacher that end at a "
+        "minimum, not wherever the last step left them) or none (constant)",
+    )
     validation: int = _option(
         5000,
         "last training images held out for the guard and the sensitivity scan "
@@ -290,6 +298,12 @@ class LenetConfig(JobConfig):
                 "a pruning schedule",
                 lambda v: v in SCHEDULES,
                 f"one of {', '.join(SCHEDULES)}",
+            ),
+            (
+                "dense_decay",
+                "a learning-rate decay",
+                lambda v: v in DENSE_DECAYS,
+                f"one of {', '.join(DENSE_DECAYS)}",
             ),
             (
                 "teacher",
