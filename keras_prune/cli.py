@@ -10,6 +10,7 @@ import signal
 import sys
 
 from keras_prune.experiments.settings import (
+    EARLIER_VALUES,
     JobConfig,
     Lenet5Config,
     Lenet300Config,
@@ -147,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment = importlib.import_module(experiment_name)
     report = importlib.import_module(report_name)
+    # A setting a recorded run lacks: what runs did before it existed.
+    defaults = experiment.settings(config_class())
+    defaults.update({k: v for k, v in EARLIER_VALUES.items() if k in defaults})
     try:
         folder = RunFolder(
-            config.out,
-            experiment.settings(config),
-            resume=args.resume,
-            defaults=experiment.settings(config_class()),
+            config.out, experiment.settings(config), args.resume, defaults
         )
     except (FileExistsError, ValueError) as error:
         return _error(error)

@@ -178,6 +178,18 @@ def test_dense_training_decays_its_learning_rate_to_zero_unless_asked_not_to():
         Lenet300Config(dense_decay="step").validate()
 
 
+def test_a_run_recorded_before_dense_decay_existed_resumes_only_without_it(
+    tmp_path, capsys
+):
+    # Such a run trained its dense network at a constant learning rate.
+    out = str(tmp_path / "old")
+    recorded = settings(Lenet300Config(out=out))
+    del recorded["dense_decay"]
+    RunFolder(out, recorded).record([{"epoch": 0}])
+    assert main(["lenet300", "--out", out, "--resume"]) == 2
+    assert "dense_decay='cosine' (the run has 'none')" in capsys.readouterr().err
+
+
 def test_a_bad_schedule_is_named():
     with pytest.raises(ValueError, match=r"--schedule .*one of polynomial, "
                        r"geometric\. Received: --schedule='cosine'"):  # fmt: skip

@@ -230,6 +230,10 @@ TEACHERS = ("dense", "lenet5")
 SCHEDULES = ("polynomial", "geometric")
 # How the dense training's learning rate falls (`LenetConfig.dense_decay`).
 DENSE_DECAYS = ("cosine", "none")
+# Settings added after runs were recorded whose earlier runs did something
+# other than today's default: a run recorded without the setting had this
+# value, and resumes only with it.
+EARLIER_VALUES = {"dense_decay": "none"}
 
 
 @dataclasses.dataclass(frozen=True)
