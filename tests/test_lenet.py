@@ -25,6 +25,7 @@ from keras_prune.experiments.lenet import (
     train_network,
     train_teacher,
 )
+from keras_prune.experiments.lenet_report import DENSE_RATES
 from keras_prune.experiments.mnist import Data
 from keras_prune.experiments.progress import RunFolder
 from keras_prune.experiments.settings import (
@@ -172,7 +173,7 @@ def test_dense_training_decays_its_learning_rate_to_zero_unless_asked_not_to():
     # Cosine from 1e-3 reaches 0 at the last of the 4 steps.
     assert final_rate("cosine") == pytest.approx(0.0, abs=1e-9)
     assert final_rate("none") == pytest.approx(1e-3)
-    assert sorted(DENSE_DECAYS) == sorted(DENSE_DECAY_BUILDERS)
+    assert sorted(DENSE_DECAYS) == sorted(DENSE_DECAY_BUILDERS) == sorted(DENSE_RATES)
     with pytest.raises(ValueError, match=r"--dense-decay .*one of cosine, none\. "
                        r"Received: --dense-decay='step'"):  # fmt: skip
         Lenet300Config(dense_decay="step").validate()

@@ -33,6 +33,11 @@ PUBLISHED = {
     ),
 }  # fmt: skip
 
+# The dense training's learning rate, by `LenetConfig.dense_decay`.
+DENSE_RATES = {
+    "cosine": "a learning rate falling from {rate} to 0 (cosine)",
+    "none": "a constant learning rate of {rate}",
+}
 DESCRIPTIONS = {
     "LeNet-300-100": "784-300-100-10, ReLU; every layer pruned",
     "LeNet-5": (
@@ -180,7 +185,8 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 
 - Network: {DESCRIPTIONS[name]}.
 - Dense training: {config.dense_epochs} epochs on training images shifted at
-  random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}.
+  random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}, Adam at
+  {DENSE_RATES[config.dense_decay].format(rate=config.dense_lr)}.
 - Pruning: every layer by magnitude to its own target on a {config.schedule}
   schedule over {config.prune_epochs} epochs, with {teacher(result)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
