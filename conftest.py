@@ -18,6 +18,7 @@ TENSORFLOW_ONLY = [
     "keras_prune/experiments",
     "keras_prune/inference",
     "keras_prune/litert.py",
+    "keras_prune/litert_interpreter.py",
     "keras_prune/summary.py",
     "tests/kernels.py",
     "tests/test_benchmark.py",

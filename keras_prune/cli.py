@@ -10,12 +10,12 @@ import signal
 import sys
 
 from keras_prune.experiments.settings import (
-    EARLIER_VALUES,
     JobConfig,
     Lenet5Config,
     Lenet300Config,
     MnistConfig,
     StructuredConfig,
+    earlier_values,
 )
 
 # command -> (settings, experiment module, report module, help, description).
@@ -149,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = importlib.import_module(experiment_name)
     report = importlib.import_module(report_name)
     # A setting a recorded run lacks: what runs did before it existed.
-    defaults = experiment.settings(config_class())
-    defaults.update({k: v for k, v in EARLIER_VALUES.items() if k in defaults})
+    defaults = {**experiment.settings(config_class()), **earlier_values(config_class)}
     try:
         folder = RunFolder(
             config.out, experiment.settings(config), args.resume, defaults

@@ -170,7 +170,7 @@ def test_dense_training_decays_its_learning_rate_to_zero_unless_asked_not_to():
         assert int(model.optimizer.iterations) == 4  # 2 epochs of 2 batches
         return float(model.optimizer.learning_rate)
 
-    # Cosine from 1e-3 reaches 0 at the last of the 4 steps.
+    # Cosine from 1e-3 over 4 steps: the rate after the last one is 0.
     assert final_rate("cosine") == pytest.approx(0.0, abs=1e-9)
     assert final_rate("none") == pytest.approx(1e-3)
     assert sorted(DENSE_DECAYS) == sorted(DENSE_DECAY_BUILDERS) == sorted(DENSE_RATES)

@@ -298,8 +298,25 @@ DENSE_DECAY_BUILDERS: dict[str, Callable[[float, int], Any]] = {
 def train_network(
     network: Callable[[], keras.Model], config: LenetConfig, data: Data, verbose: int
 ) -> keras.Model:
-    """A new `network()` trained `dense_epochs` on shifted images, its
-    learning rate falling as `config.dense_decay` says."""
+    """A new `network()` trained on shifted images (`config.shift`), as the
+    dense network and the teacher are.
+
+    Args:
+        network: Builds the untrained model (`lenet300`, `lenet5`).
+        config: `dense_epochs` epochs of `batch_size` images, Adam from
+            `dense_lr`, its rate falling as `dense_decay` says (`"cosine"`:
+            to 0 after the last step), the `distill` loss (no teacher here),
+            seeded by `seed`. Call `config.validate()` first: an unknown
+            `dense_decay` is a `KeyError` here.
+        data: The training images `(n, 28, 28, 1)` and labels `(n,)`.
+        verbose: Keras's `fit` verbosity.
+
+    Returns:
+        The trained model, compiled (its optimizer holds the final rate).
+
+    Example: see `tests/test_lenet.py`, which trains LeNet-300-100 on 64
+    random images for 2 epochs.
+    """
     keras.utils.set_random_seed(config.seed)
     model = network()
     images = ShiftedImages(

@@ -58,9 +58,10 @@ class RunFolder:
         resume: Whether to continue the run recorded in `path` (a folder
             without one starts a new run). Defaults to `False`, which refuses
             a folder that holds a run: nothing recorded is ever overwritten.
-        defaults: The default of each setting, for runs recorded before a
-            setting existed: a setting the recorded run lacks counts as its
-            default. Defaults to `None` (a missing setting differs).
+        defaults: For runs recorded before a setting existed, the value it
+            counts as when the recorded run lacks it: its default, or what
+            runs did before it existed (see `settings.earlier_values`).
+            Defaults to `None` (a missing setting differs).
 
     Raises:
         FileExistsError: If `resume` is `False` and `path` holds a run.

@@ -230,10 +230,6 @@ TEACHERS = ("dense", "lenet5")
 SCHEDULES = ("polynomial", "geometric")
 # How the dense training's learning rate falls (`LenetConfig.dense_decay`).
 DENSE_DECAYS = ("cosine", "none")
-# Settings added after runs were recorded whose earlier runs did something
-# other than today's default: a run recorded without the setting had this
-# value, and resumes only with it.
-EARLIER_VALUES = {"dense_decay": "none"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,3 +391,27 @@ class Lenet5Config(LenetConfig):
     kept_conv2: float = _option(0.025, "fraction of conv2's 25,000 weights kept")
     kept_fc1: float = _option(0.0025, "fraction of fc1's 400,000 weights kept")
     kept_fc2: float = _option(0.05, "fraction of fc2's 5,000 weights kept")
+
+
+# Settings added after runs were recorded whose earlier runs did something
+# other than today's default, by the settings class that has them: a run
+# recorded without the setting had this value, and resumes only with it.
+EARLIER_VALUES: dict[type[JobConfig], dict[str, Any]] = {
+    LenetConfig: {"dense_decay": "none"},
+}
+
+
+def earlier_values(config_class: type[JobConfig]) -> dict[str, Any]:
+    """What runs recorded before each of `config_class`'s later settings
+    existed did instead of today's default.
+
+    Example:
+
+    >>> earlier_values(Lenet5Config), earlier_values(MnistConfig)
+    ({'dense_decay': 'none'}, {})
+    """
+    found: dict[str, Any] = {}
+    for owner, values in EARLIER_VALUES.items():
+        if issubclass(config_class, owner):
+            found.update(values)
+    return found
