@@ -212,8 +212,9 @@ def _stock_model(model: keras.Model) -> keras.Model:
     return strip_pruning(model)
 
 
-def _why_wrong(quantization: str, stock: keras.Model, content: bytes) -> str:
-    """The known LiteRT defect behind a file with wrong outputs, if any."""
+def _why_wrong(quantization: str, weights: list[LiteRTWeight]) -> str:
+    """The known LiteRT defect behind a file with wrong outputs, if any
+    (`weights`: the file's pruned weights, from `_weights_report`)."""
     if quantization == "float16":
         return (
             "LiteRT dequantizes sparse float16 weights wrongly: use "
@@ -221,7 +222,7 @@ def _why_wrong(quantization: str, stock: keras.Model, content: bytes) -> str:
         )
     blocked = [
         w.layer
-        for w in _weights_report(_pruned_weights(stock), _tensors(content))
+        for w in weights
         if w.runs == "sparse kernel" and w.shape and w.shape[-1] % 4
     ]
     if blocked:
@@ -395,28 +396,28 @@ def _error(got: np.ndarray, expected: np.ndarray) -> float:
     return float(difference.max(initial=0.0)) / scale
 
 
-def _int8_sparse(content: bytes) -> bool:
-    """Whether a `.tflite` file holds int8 weights stored sparse, which
-    LiteRT 2.3's XNNPACK delegate (its default resolver) computes wrongly or
-    crashes the process on while preparing them. `False` for bytes that are
-    not a `.tflite` file (LiteRT then says what is wrong)."""
-    try:
-        tensors = _tensors(content)
-    except Exception:  # not a flatbuffer: whatever its reader raises
-        return False
+def _int8_sparse(tensors: list[dict[str, Any]]) -> bool:
+    """Whether a file's tensors (from `_tensors`) hold int8 weights stored
+    sparse, which LiteRT 2.3's XNNPACK delegate (its default resolver)
+    computes wrongly or crashes the process on while preparing them."""
     return any(tensor["int8"] and tensor["block"] is not None for tensor in tensors)
 
 
 def _check(
-    content: bytes, sample: np.ndarray, expected: np.ndarray, tolerance: float
+    content: bytes,
+    tensors: list[dict[str, Any]],
+    sample: np.ndarray,
+    expected: np.ndarray,
+    tolerance: float,
 ) -> tuple[str, float, list[str]]:
-    """The first resolver under which `content` reproduces `expected`, its
-    error, and what went wrong under the resolvers tried before it. Each
-    resolver runs the file in a child process: a crash inside LiteRT is a
-    failure of that resolver, not of the user's process."""
+    """The first resolver under which `content` (its `tensors` from
+    `_tensors`) reproduces `expected`, its error, and what went wrong under
+    the resolvers tried before it. Each resolver runs the file in a child
+    process: a crash inside LiteRT is a failure of that resolver, not of
+    the user's process."""
     failures = []
     for resolver in RESOLVERS:
-        if resolver == "default" and _int8_sparse(content):
+        if resolver == "default" and _int8_sparse(tensors):
             failures.append(
                 "default: not tried (int8 sparse weights, which LiteRT's XNNPACK "
                 "delegate computes wrongly or crashes on)"
@@ -605,14 +606,16 @@ def export_litert(
         )
     stock = _stock_model(model)
     content = _convert(stock, quantization, sparsity=True)
+    tensors = _tensors(content)
+    weights = _weights_report(_pruned_weights(stock), tensors)
     resolver, error, failures = _check(
-        content, sample, expected, TOLERANCE[quantization]
+        content, tensors, sample, expected, TOLERANCE[quantization]
     )
     if not resolver:
         raise ValueError(
             f"export_litert(quantization={quantization!r}) made a file whose "
             f"outputs differ from the model's ({'; '.join(failures)}); nothing "
-            f"was written. {_why_wrong(quantization, stock, content)}"
+            f"was written. {_why_wrong(quantization, weights)}"
         )
     dense = _convert(stock, quantization, sparsity=False) if compare else None
     latency = dense_latency = None
@@ -623,7 +626,6 @@ def export_litert(
             repeats,
         )
         latency, dense_latency = timed["sparse"], timed["dense"]
-    weights = _weights_report(_pruned_weights(stock), _tensors(content))
     report = LiteRTReport(
         path=path,
         quantization=quantization,
@@ -715,7 +717,11 @@ def predict(
     if not isinstance(model_file, bytes):
         with open(model_file, "rb") as file:
             model_file = file.read()
-    if resolver == "default" and _int8_sparse(model_file):
+    try:
+        tensors = _tensors(model_file)
+    except Exception:  # not a flatbuffer: LiteRT says what is wrong below
+        tensors = []
+    if resolver == "default" and _int8_sparse(tensors):
         raise ValueError(
             "The file holds int8 sparse weights, which LiteRT's default resolver "
             "(its XNNPACK delegate) computes wrongly or crashes on: pass "

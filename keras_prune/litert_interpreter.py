@@ -12,10 +12,10 @@ user's process goes on.
 
 This module imports nothing from keras_prune, Keras or TensorFlow (only
 `ai_edge_litert`, or TensorFlow's bundled `tf.lite` where LiteRT is not
-installed), so the child starts in a fraction of a second. Run as a
-script it takes: model path, inputs (`.npy`), resolver, outputs (`.npy`);
-it writes the outputs there, or LiteRT's error message to
-`outputs + ".error"` and exits with status 1.
+installed), so the child starts in a fraction of a second. The child
+loads this file by path and calls `main` with: model path, inputs
+(`.npy`), resolver, outputs (`.npy`); it writes the outputs there, or
+LiteRT's error message to `outputs + ".error"` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -128,13 +128,13 @@ def run(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
 def _child_command(model: str, inputs: str, resolver: str, outputs: str) -> list[str]:
     """The command that runs this file as a script, without importing the
     keras_prune package (whose `__init__` imports Keras)."""
-    load = (
+    script = (
         "import importlib.util, sys; "
         "spec = importlib.util.spec_from_file_location('litert_child', sys.argv[1]); "
         "module = importlib.util.module_from_spec(spec); "
         "spec.loader.exec_module(module); module.main(sys.argv[2:])"
     )
-    return [sys.executable, "-c", load, __file__, model, inputs, resolver, outputs]
+    return [sys.executable, "-c", script, __file__, model, inputs, resolver, outputs]
 
 
 def run_isolated(content: bytes, resolver: str, inputs: np.ndarray) -> np.ndarray:
