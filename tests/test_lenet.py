@@ -103,10 +103,15 @@ def test_validation_must_leave_training_images():
         held_out(data, 10)
 
 
-def test_the_teacher_is_the_one_asked_for_and_read_back_on_resume(tmp_path):
+def random_images():
+    """64 random training images and labels, enough to train for a step."""
     rng = np.random.default_rng(0)
-    data = Data(rng.random((64, 28, 28, 1), "float32"), rng.integers(0, 10, 64),
+    return Data(rng.random((64, 28, 28, 1), "float32"), rng.integers(0, 10, 64),
                 None, None)  # fmt: skip
+
+
+def test_the_teacher_is_the_one_asked_for_and_read_back_on_resume(tmp_path):
+    data = random_images()
     dense = lenet300()
     options = dict(dense_epochs=1, batch_size=32, out=str(tmp_path))
 
@@ -160,9 +165,7 @@ def test_each_schedule_ends_on_the_layers_target_after_prune_epochs():
 
 
 def test_dense_training_decays_its_learning_rate_to_zero_unless_asked_not_to():
-    rng = np.random.default_rng(0)
-    data = Data(rng.random((64, 28, 28, 1), "float32"), rng.integers(0, 10, 64),
-                None, None)  # fmt: skip
+    data = random_images()
 
     def final_rate(decay):
         config = Lenet300Config(dense_epochs=2, batch_size=32, dense_decay=decay)
