@@ -194,6 +194,12 @@ def test_a_run_recorded_before_dense_decay_existed_resumes_only_without_it(
     assert "dense_decay='cosine' (the run has 'none')" in capsys.readouterr().err
 
 
+def test_a_bad_weight_decay_is_named():
+    with pytest.raises(ValueError, match=r"--weight-decay .*>= 0\. "
+                       r"Received: --weight-decay=-0\.1"):  # fmt: skip
+        Lenet5Config(weight_decay=-0.1).validate()
+
+
 def test_a_bad_schedule_is_named():
     with pytest.raises(ValueError, match=r"--schedule .*one of polynomial, "
                        r"geometric\. Received: --schedule='cosine'"):  # fmt: skip
@@ -261,9 +267,18 @@ def test_lenet5_prunes_the_convolutions_too(tmp_path):
         data=MNIST, out=str(tmp_path), quick=True, train_samples=1200,
         test_samples=300, validation=300, prune_epochs=2, tolerance=1.0,
         kept_conv1=0.3, kept_conv2=0.02, kept_fc1=0.002, kept_fc2=0.05,
-        schedule="geometric",
+        schedule="geometric", weight_decay=0.05,
     )  # fmt: skip
-    result = run(config, verbose=0, folder=RunFolder(str(tmp_path), settings(config)))
+    folder = RunFolder(str(tmp_path), settings(config))
+    result = run(config, verbose=0, folder=folder)
+    # The pruning trained with AdamW's decoupled weight decay (the dense
+    # network without).
+    optimizers = {
+        name: folder.load_model(name).optimizer for name in ("dense", "masked")
+    }
+    assert type(optimizers["dense"]) is keras.optimizers.Adam
+    assert type(optimizers["masked"]) is keras.optimizers.AdamW
+    assert optimizers["masked"].weight_decay == pytest.approx(0.05)
     # The geometric schedule's first of two cuts keeps sqrt(kept) of each
     # layer (the cubic would keep kept + (1 - kept) / 8: 38.75% of conv1).
     first = result.rows[1]

@@ -158,10 +158,14 @@ def compile_model(
     model: keras.Model,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
     config: LenetConfig,
+    weight_decay: float = 0.0,
 ):
-    """Adam, `DistillationLoss`, and `label_accuracy` logged as accuracy."""
+    """Adam (AdamW with a `weight_decay` above 0), `DistillationLoss`, and
+    `label_accuracy` logged as accuracy."""
     model.compile(
-        keras.optimizers.Adam(learning_rate),
+        keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+        if weight_decay
+        else keras.optimizers.Adam(learning_rate),
         DistillationLoss(config.distill, config.temperature),
         metrics=[keras.metrics.MeanMetricWrapper(label_accuracy, name="accuracy")],
     )
@@ -429,15 +433,16 @@ def prune(
 ) -> tuple[keras.Model, kp.IterativePruningCallback]:
     """Prunes every layer to its kept fraction on `layer_schedule` over
     `prune_epochs`, then retrains `tune_epochs`, learning from `teacher`'s
-    softened outputs where one is given; one row and checkpoint per epoch,
-    continuing after the last recorded one."""
+    softened outputs where one is given, with AdamW where `weight_decay` is
+    above 0; one row and checkpoint per epoch, continuing after the last
+    recorded one."""
     done = len(folder.rows) - 1
     if done:
         masked = folder.load_model("masked")
     else:
         folder.restore_python_random()
         masked = kp.make_prunable(dense)
-        compile_model(masked, config.prune_lr, config)
+        compile_model(masked, config.prune_lr, config, config.weight_decay)
     kept_rows = [row for row in folder.rows if not row["guard"].startswith("restored")]
     guard = kp.AccuracyGuard(
         "val_accuracy",

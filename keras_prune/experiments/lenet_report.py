@@ -60,6 +60,20 @@ def teacher(result: LenetResult) -> str:
     return "a dense LeNet-5 (trained as the dense network was)"
 
 
+def optimizer(config: LenetConfig) -> str:
+    """The pruning's weight decay, in words.
+
+    Example:
+
+    >>> from keras_prune.experiments.settings import Lenet5Config
+    >>> optimizer(Lenet5Config(weight_decay=0.05))
+    'with decoupled weight decay 0.05 (AdamW)'
+    """
+    if not config.weight_decay:
+        return "no weight decay"
+    return f"with decoupled weight decay {config.weight_decay:g} (AdamW)"
+
+
 def _layers(row: dict[str, Any]) -> list[str]:
     return [key.removeprefix("kept_") for key in row if key.startswith("kept_")]
 
@@ -193,6 +207,8 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
   accuracy on {config.validation:,} held-out training images is undone and
   retried with half the step); then {config.tune_epochs} epochs of retraining.
+  Adam at {config.prune_lr:g} while pruning and {config.tune_lr:g} after the last
+  cut, {optimizer(config)}.
 - The test error is the **last epoch's**: the test set picks nothing.
 - Wall time: {result.wall_seconds / 60:.1f} min.
 

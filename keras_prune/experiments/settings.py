@@ -267,6 +267,12 @@ class LenetConfig(JobConfig):
     tune_epochs: int = _option(30, "epochs of retraining after the last cut")
     prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
     tune_lr: float = _option(1e-4, "Adam learning rate after the last cut")
+    weight_decay: float = _option(
+        0.0,
+        "decoupled weight decay while pruning and retraining (AdamW, Loshchilov "
+        "& Hutter; 0: plain Adam): weights the loss does not hold up shrink "
+        "towards zero, so the smallest ones are also the least needed",
+    )
     teacher: str = _option(
         "dense",
         "the network whose softened outputs the pruned one learns from: dense "
@@ -293,6 +299,7 @@ class LenetConfig(JobConfig):
             ("tune_epochs", "a number of epochs", lambda v: v >= 0, ">= 0"),
             ("prune_lr", "a learning rate", lambda v: v > 0, "> 0"),
             ("tune_lr", "a learning rate", lambda v: v > 0, "> 0"),
+            ("weight_decay", "a weight decay", lambda v: v >= 0, ">= 0"),
             (
                 "schedule",
                 "a pruning schedule",
@@ -397,7 +404,7 @@ class Lenet5Config(LenetConfig):
 # other than today's default, by the settings class that has them: a run
 # recorded without the setting had this value, and resumes only with it.
 EARLIER_VALUES: dict[type[JobConfig], dict[str, Any]] = {
-    LenetConfig: {"dense_decay": "none"},
+    LenetConfig: {"dense_decay": "none", "weight_decay": 0.0},
 }
 
 
@@ -408,7 +415,7 @@ def earlier_values(config_class: type[JobConfig]) -> dict[str, Any]:
     Example:
 
     >>> earlier_values(Lenet5Config), earlier_values(MnistConfig)
-    ({'dense_decay': 'none'}, {})
+    ({'dense_decay': 'none', 'weight_decay': 0.0}, {})
     """
     found: dict[str, Any] = {}
     for owner, values in EARLIER_VALUES.items():
