@@ -16,6 +16,7 @@ from keras_prune.experiments.lenet import (
     TEACHER_NETWORKS,
     DistillationLoss,
     ShiftedImages,
+    compile_model,
     held_out,
     layer_schedule,
     lenet5,
@@ -69,14 +70,35 @@ def test_shifted_images_move_each_image_by_at_most_the_shift():
 
 
 def test_shifted_images_carry_the_teachers_logits():
-    teacher = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
-                                keras.layers.Dense(10)])  # fmt: skip
-    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype("float32")
-    x, y = ShiftedImages(images, np.arange(8), shift=0, batch_size=8, teacher=teacher)[
-        0
-    ]
-    assert y.shape == (8, 11)
-    np.testing.assert_allclose(y[:, 1:], teacher.predict(x, verbose=0), rtol=1e-5)
+    # Dropout shows a teacher run in training mode; 5 images in batches of 3
+    # leave a short last batch.
+    layers = keras.layers
+    teacher = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Flatten(),
+            layers.Dropout(0.5),
+            layers.Dense(10),
+        ]
+    )
+    images = np.random.default_rng(0).random((5, 28, 28, 1)).astype("float32")
+    batches = ShiftedImages(
+        images, np.arange(5), shift=0, batch_size=3, teacher=teacher
+    )
+    for x, y in (batches[0], batches[1]):
+        assert y.shape == (len(x), 11)
+        expected = keras.ops.convert_to_numpy(teacher(x, training=False))
+        np.testing.assert_allclose(y[:, 1:], expected, rtol=1e-5, atol=1e-6)
+    assert len(batches[1][0]) == 2
+
+
+def test_pruning_trains_with_adamw_only_given_a_weight_decay():
+    model = lenet300()
+    compile_model(model, 1e-3, Lenet300Config())
+    assert type(model.optimizer) is keras.optimizers.Adam
+    compile_model(model, 1e-3, Lenet300Config(), weight_decay=0.05)
+    assert type(model.optimizer) is keras.optimizers.AdamW
+    assert model.optimizer.weight_decay == pytest.approx(0.05)
 
 
 def test_distillation_is_cross_entropy_plus_the_softened_teacher():

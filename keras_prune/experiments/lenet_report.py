@@ -61,17 +61,17 @@ def teacher(result: LenetResult) -> str:
 
 
 def optimizer(config: LenetConfig) -> str:
-    """The pruning's weight decay, in words.
+    """The pruning's optimizer and weight decay, in words.
 
     Example:
 
     >>> from keras_prune.experiments.settings import Lenet5Config
-    >>> optimizer(Lenet5Config(weight_decay=0.05))
-    'with decoupled weight decay 0.05 (AdamW)'
+    >>> optimizer(Lenet5Config()), optimizer(Lenet5Config(weight_decay=0.05))
+    ('Adam (no weight decay)', 'AdamW (decoupled weight decay 0.05)')
     """
     if not config.weight_decay:
-        return "no weight decay"
-    return f"with decoupled weight decay {config.weight_decay:g} (AdamW)"
+        return "Adam (no weight decay)"
+    return f"AdamW (decoupled weight decay {config.weight_decay:g})"
 
 
 def _layers(row: dict[str, Any]) -> list[str]:
@@ -207,8 +207,8 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
   accuracy on {config.validation:,} held-out training images is undone and
   retried with half the step); then {config.tune_epochs} epochs of retraining.
-  Adam at {config.prune_lr:g} while pruning and {config.tune_lr:g} after the last
-  cut, {optimizer(config)}.
+  {optimizer(config)} at {config.prune_lr:g} while pruning and {config.tune_lr:g}
+  after the last cut.
 - The test error is the **last epoch's**: the test set picks nothing.
 - Wall time: {result.wall_seconds / 60:.1f} min.
 

@@ -265,8 +265,12 @@ class LenetConfig(JobConfig):
         "et al.'s rounds)",
     )
     tune_epochs: int = _option(30, "epochs of retraining after the last cut")
-    prune_lr: float = _option(1e-3, "Adam learning rate while pruning")
-    tune_lr: float = _option(1e-4, "Adam learning rate after the last cut")
+    prune_lr: float = _option(
+        1e-3, "Adam (AdamW with --weight-decay) learning rate while pruning"
+    )
+    tune_lr: float = _option(
+        1e-4, "Adam (AdamW with --weight-decay) learning rate after the last cut"
+    )
     weight_decay: float = _option(
         0.0,
         "decoupled weight decay while pruning and retraining (AdamW, Loshchilov "
@@ -404,7 +408,7 @@ class Lenet5Config(LenetConfig):
 # other than today's default, by the settings class that has them: a run
 # recorded without the setting had this value, and resumes only with it.
 EARLIER_VALUES: dict[type[JobConfig], dict[str, Any]] = {
-    LenetConfig: {"dense_decay": "none", "weight_decay": 0.0},
+    LenetConfig: {"dense_decay": "none"},
 }
 
 
@@ -415,7 +419,7 @@ def earlier_values(config_class: type[JobConfig]) -> dict[str, Any]:
     Example:
 
     >>> earlier_values(Lenet5Config), earlier_values(MnistConfig)
-    ({'dense_decay': 'none', 'weight_decay': 0.0}, {})
+    ({'dense_decay': 'none'}, {})
     """
     found: dict[str, Any] = {}
     for owner, values in EARLIER_VALUES.items():
