@@ -717,11 +717,13 @@ def predict(
     if not isinstance(model_file, bytes):
         with open(model_file, "rb") as file:
             model_file = file.read()
-    try:
-        tensors = _tensors(model_file)
-    except Exception:  # not a flatbuffer: LiteRT says what is wrong below
-        tensors = []
-    if resolver == "default" and _int8_sparse(tensors):
+    tensors = []  # only the default resolver needs the file's tensors read
+    if resolver == "default":
+        try:
+            tensors = _tensors(model_file)
+        except Exception:  # not a flatbuffer: LiteRT says what is wrong below
+            pass
+    if _int8_sparse(tensors):
         raise ValueError(
             "The file holds int8 sparse weights, which LiteRT's default resolver "
             "(its XNNPACK delegate) computes wrongly or crashes on: pass "
