@@ -72,6 +72,10 @@ if _keras_error is None:
         sparsity_summary,
     )
     from keras_prune.units import prune_units
+    from keras_prune.variational import (
+        add_variational_dropout,
+        remove_variational_dropout,
+    )
 else:
     # The command line still starts (its settings and dependency checks need
     # no Keras) and says which extra to install; the library says it here.
@@ -113,6 +117,7 @@ __all__ = [
     "SparseDense",
     "ShrinkSummary",
     "SparsitySummary",
+    "add_variational_dropout",
     "compact_class",
     "conversion_report",
     "export_litert",
@@ -123,6 +128,7 @@ __all__ = [
     "masked_class",
     "masked_layers",
     "prune_units",
+    "remove_variational_dropout",
     "sensitivity_scan",
     "shrink",
     "shrink_summary",

@@ -45,26 +45,32 @@ from keras_prune.units import (
     masks_to_prune,
     select_units,
 )
+from keras_prune.variational import signal_to_noise
 
 SCOPES = ("layer", "global")
 UNITS = ("epoch", "step")
+# `ranking`'s choices: what a cut ranks the live weights by.
+RANKINGS = ("magnitude", "signal_to_noise")
 
 
 def _magnitude_cut(
-    layer: Any, sparsity: float, block: tuple[int, int] | None = None
+    layer: Any,
+    sparsity: float,
+    block: tuple[int, int] | None = None,
+    scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The new masks of `layer`'s prunable weights at `sparsity`, by
-    magnitude (of single weights or of `block`s), for those that lose
-    weights (`magnitude_mask`)."""
+    magnitude (of single weights or of `block`s) or by `scores` (`{weight
+    name: array}` ranked in its place), for those that lose weights
+    (`magnitude_mask`)."""
     changed = {}
     masks = layer.masks
     for key, variable in layer.prunable_weights.items():
         mask = ops.convert_to_numpy(masks[key])
         live = block_scores(mask, mask, block)[1] if block else mask
         if pruned_count(sparsity, live.size) > live.size - np.count_nonzero(live):
-            changed[key] = magnitude_mask(
-                _finite(layer, key, variable), mask, sparsity, block
-            )
+            ranked = _finite(layer, key, variable) if scores is None else scores[key]
+            changed[key] = magnitude_mask(ranked, mask, sparsity, block)
     return changed
 
 
@@ -215,6 +221,14 @@ class IterativePruningCallback(keras.callbacks.Callback):
             `scope="layer"` and `granularity="weight"`. Defaults to `None`.
         guard: An `AccuracyGuard`, or `None` for no guard. Needs
             `unit="epoch"`. Defaults to `None`.
+        ranking: What a cut ranks the live weights by: `"magnitude"`
+            (|weight|), or `"signal_to_noise"` (|theta| / sigma, the noise
+            each weight learned under sparse variational dropout, Molchanov
+            et al. 2017: the weights that are mostly noise go first; every
+            masked layer needs `add_variational_dropout`, and the logged
+            thresholds are then signal-to-noise ratios). Needs
+            `scope="layer"`, `granularity="weight"` and no `quality`.
+            Defaults to `"magnitude"`.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
@@ -249,8 +263,24 @@ class IterativePruningCallback(keras.callbacks.Callback):
         norm: str = "l1",
         quality: float | list[float] | dict[str, float | list[float]] | None = None,
         guard: AccuracyGuard | None = None,
+        ranking: str = "magnitude",
     ):
         super().__init__()
+        if ranking not in RANKINGS:
+            raise ValueError(
+                f"Expected `ranking` to be one of {list(RANKINGS)}. "
+                f"Received: ranking={ranking!r}"
+            )
+        if ranking != "magnitude" and (
+            scope != "layer" or granularity != "weight" or quality is not None
+        ):
+            raise ValueError(
+                f"ranking={ranking!r} ranks single weights layer by layer: it "
+                'needs scope="layer", granularity="weight" and no quality. '
+                f"Received: scope={scope!r}, granularity={granularity!r}, "
+                f"quality={quality!r}"
+            )
+        self.ranking = ranking
         self.units = isinstance(granularity, str) and granularity == "unit"
         self.block = None if self.units else validate_granularity(granularity)
         self.granularity = granularity if self.block is None else self.block
@@ -587,12 +617,22 @@ class IterativePruningCallback(keras.callbacks.Callback):
         self._pending = True
         self._last_cut = self._epoch
 
-    def _smallest_kept(self, layer: Any, new_masks: dict[str, np.ndarray]) -> float:
-        """The smallest magnitude (of a weight, or a block's mean) that the
-        new masks keep in `layer`: the cut's threshold."""
+    def _smallest_kept(
+        self,
+        layer: Any,
+        new_masks: dict[str, np.ndarray],
+        scores: dict[str, np.ndarray] | None = None,
+    ) -> float:
+        """The smallest magnitude (of a weight, or a block's mean), or score
+        where the cut ranked `scores`, that the new masks keep in `layer`:
+        the cut's threshold."""
         return min(
             _threshold(
-                ops.convert_to_numpy(layer.prunable_weights[key]), mask, self.block
+                ops.convert_to_numpy(layer.prunable_weights[key])
+                if scores is None
+                else scores[key],
+                mask,
+                self.block,
             )
             for key, mask in new_masks.items()
         )
@@ -637,9 +677,12 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 layer = layers[label]
                 for key, mask in layer.masks.items():
                     self._warn_if_full(layer, key, target, math.prod(mask.shape))
-                changed = _magnitude_cut(layer, target, self.block)
+                scores = None if self.ranking == "magnitude" else signal_to_noise(layer)
+                changed = _magnitude_cut(layer, target, self.block, scores)
                 if changed:
-                    self._apply(layer, changed, self._smallest_kept(layer, changed))
+                    self._apply(
+                        layer, changed, self._smallest_kept(layer, changed, scores)
+                    )
 
     def _targets(self, position: int) -> dict[str | None, float]:
         """Each schedule's sparsity at `position`, by what it prunes: a

@@ -335,10 +335,25 @@ def _masked_call(call: Any) -> Any:
 
     @functools.wraps(call)
     def masked_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        noise = vars(self).get("_variational_noise")
+        if noise is not None and _in_training():
+            # Sparse variational dropout (keras_prune.variational).
+            return noise.value.noisy_call(self, call, args, kwargs)
         with self.masked_weights():
             return call(self, *args, **kwargs)
 
     return masked_call
+
+
+def _in_training() -> bool:
+    """Whether the layer call running now is a training call. Keras keeps
+    `training` in its call context, also for layers whose `call` takes no
+    `training` argument (convolutions); outside any layer call there is
+    none, which counts as inference."""
+    from keras.src.backend.common import global_state
+
+    context = global_state.get_global_attribute("current_call_ctx")
+    return bool(context is not None and context.get_value("training"))
 
 
 class _MaskConstraint:
@@ -415,7 +430,30 @@ class MaskedLayer(_Layer):
     # --- construction -------------------------------------------------
     def _post_build(self) -> None:
         self._attach_masks()
+        pending = vars(self).get("_pending_variational")
+        if pending is not None:
+            object.__delattr__(self, "_pending_variational")
+            from keras_prune.variational import attach
+
+            attach(self, **pending)
         super()._post_build()
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        noise = vars(self).get("_variational_noise")
+        if noise is not None:
+            config["variational_dropout"] = noise.value.settings()
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        config = dict(config)
+        pending = config.pop("variational_dropout", None)
+        layer = super().from_config(config)
+        if pending is not None:
+            # The noise is made with the masks, when the layer is built.
+            object.__setattr__(layer, "_pending_variational", pending)
+        return layer
 
     def _attach_masks(self) -> None:
         """Creates the masks of a built layer (ones: nothing pruned)."""
@@ -443,11 +481,18 @@ class MaskedLayer(_Layer):
 
     # --- forward ------------------------------------------------------
     @contextlib.contextmanager
-    def masked_weights(self) -> Iterator[None]:
+    def masked_weights(self, values: dict[str, Any] | None = None) -> Iterator[None]:
         """Within this context the layer's prunable weights read as
         `weight * mask` (each attribute that holds one is swapped for the
-        product, then restored). The masked `call` runs in it."""
+        product, then restored). The masked `call` runs in it.
+
+        Args:
+            values: `{weight name: tensor}` to read instead of `weight *
+                mask` for those weights (variational dropout's variances).
+                Defaults to `None`.
+        """
         saved = []
+        values = values or {}
         try:
             for key, owner, attr, variable in self._mask_slots.value:
                 mask = self._built_masks().masks[key].value
@@ -463,7 +508,11 @@ class MaskedLayer(_Layer):
                     object.__setattr__(owner, "lora_enabled", False)
                 saved.append((owner, attr, owner.__dict__[attr]))
                 object.__setattr__(
-                    owner, attr, ops.multiply(value, ops.cast(mask, value.dtype))
+                    owner,
+                    attr,
+                    values[key]
+                    if key in values
+                    else ops.multiply(value, ops.cast(mask, value.dtype)),
                 )
             yield
         finally:
@@ -668,6 +717,9 @@ def unmask_in_place(layer: keras.layers.Layer) -> None:
     masked layer keeps `weight * mask` as its weights and loses its masks
     and constraints."""
     if isinstance(layer, MaskedLayer) and layer._masks_layer is not None:
+        from keras_prune.variational import detach
+
+        detach(layer)
         masks = layer._masks_layer
         masks.zero_pruned()
         for _, _, _, variable in layer._mask_slots.value:

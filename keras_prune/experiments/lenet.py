@@ -435,13 +435,19 @@ def prune(
     `prune_epochs`, then retrains `tune_epochs`, learning from `teacher`'s
     softened outputs where one is given, with AdamW where `weight_decay` is
     above 0; one row and checkpoint per epoch, continuing after the last
-    recorded one."""
+    recorded one. With `ranking="variational"` the pruning epochs train
+    with sparse variational dropout and cut by signal-to-noise ratio; the
+    noise is removed (and the optimizer made anew) for the retraining."""
     done = len(folder.rows) - 1
     if done:
         masked = folder.load_model("masked")
     else:
         folder.restore_python_random()
         masked = kp.make_prunable(dense)
+        if config.ranking == "variational":
+            kp.add_variational_dropout(
+                masked, examples=len(data.x_train), seed=config.seed
+            )
         compile_model(masked, config.prune_lr, config, config.weight_decay)
     kept_rows = [row for row in folder.rows if not row["guard"].startswith("restored")]
     guard = kp.AccuracyGuard(
@@ -454,11 +460,18 @@ def prune(
             name: layer_schedule(config, kept) for name, kept in config.kept().items()
         },
         guard=guard,
+        ranking="signal_to_noise" if config.ranking == "variational" else "magnitude",
     )
     rate = keras.callbacks.LearningRateScheduler(
         lambda epoch: config.prune_lr if epoch < config.prune_epochs else config.tune_lr
     )
     for epoch in range(done, config.prune_epochs + config.tune_epochs):
+        if (
+            epoch >= config.prune_epochs
+            and not _cuts_pending(masked, config, pruning)
+            and kp.remove_variational_dropout(masked)
+        ):
+            compile_model(masked, config.tune_lr, config, config.weight_decay)
         keras.utils.set_random_seed(config.seed + 1 + epoch)
         events = len(pruning.guard_events)
         history = masked.fit(
@@ -497,6 +510,24 @@ def prune(
         )
         folder.record([*folder.rows, row], {"masked": masked})
     return masked, pruning
+
+
+def _cuts_pending(
+    masked: keras.Model, config: LenetConfig, pruning: kp.IterativePruningCallback
+) -> bool:
+    """Whether `pruning` has cuts left to make: a layer keeps more than its
+    target (the guard's retries delay cuts past `prune_epochs`) and the
+    guard has not stopped pruning. Variational dropout stays until then, as
+    the cuts rank by its noise."""
+    if any(event.action == "restored, stopped" for event in pruning.guard_events):
+        return False
+    layers = {layer.name: layer for layer in kp.masked_layers(masked)}
+    for name, kept in config.kept().items():
+        layer = layers[name]
+        size = sum(math.prod(mask.shape) for mask in layer.masks.values())
+        if 1.0 - layer.sparsity > kept + 0.5 / size:
+            return True
+    return False
 
 
 @dataclasses.dataclass

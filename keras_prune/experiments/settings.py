@@ -228,6 +228,8 @@ class StructuredConfig(SeedNetConfig):
 # The networks `LenetConfig.teacher` names, besides the pruned one's own.
 TEACHERS = ("dense", "lenet5")
 SCHEDULES = ("polynomial", "geometric")
+# `LenetConfig.ranking`'s choices.
+RANKINGS = ("magnitude", "variational")
 # How the dense training's learning rate falls (`LenetConfig.dense_decay`).
 DENSE_DECAYS = ("cosine", "none")
 
@@ -277,6 +279,13 @@ class LenetConfig(JobConfig):
         "& Hutter; 0: plain Adam): weights the loss does not hold up shrink "
         "towards zero, so the smallest ones are also the least needed",
     )
+    ranking: str = _option(
+        "magnitude",
+        "what each cut ranks the live weights by: magnitude (Han et al.), or "
+        "variational (sparse variational dropout, Molchanov et al. 2017: while "
+        "pruning, every weight learns a noise level, and the weights that are "
+        "mostly noise are cut first; retraining runs without the noise)",
+    )
     teacher: str = _option(
         "dense",
         "the network whose softened outputs the pruned one learns from: dense "
@@ -315,6 +324,12 @@ class LenetConfig(JobConfig):
                 "a learning-rate decay",
                 lambda v: v in DENSE_DECAYS,
                 f"one of {', '.join(DENSE_DECAYS)}",
+            ),
+            (
+                "ranking",
+                "a ranking criterion",
+                lambda v: v in RANKINGS,
+                f"one of {', '.join(RANKINGS)}",
             ),
             (
                 "teacher",
