@@ -47,6 +47,7 @@ TRAINING_SIDE = [
     "tests/test_sensitivity.py",
     "tests/test_shrink.py",
     "tests/test_structured.py",
+    "tests/test_variational.py",
 ]
 if os.environ.get("KERAS_PRUNE_NATIVE") == "0":
     collect_ignore += TRAINING_SIDE

@@ -67,11 +67,18 @@ def _magnitude_cut(
     masks = layer.masks
     for key, variable in layer.prunable_weights.items():
         mask = ops.convert_to_numpy(masks[key])
-        live = block_scores(mask, mask, block)[1] if block else mask
-        if pruned_count(sparsity, live.size) > live.size - np.count_nonzero(live):
+        if _loses_weights(mask, sparsity, block):
             ranked = _finite(layer, key, variable) if scores is None else scores[key]
             changed[key] = magnitude_mask(ranked, mask, sparsity, block)
     return changed
+
+
+def _loses_weights(
+    mask: np.ndarray, sparsity: float, block: tuple[int, int] | None
+) -> bool:
+    """Whether a cut to `sparsity` prunes more of `mask` (weights or blocks)."""
+    live = block_scores(mask, mask, block)[1] if block else mask
+    return pruned_count(sparsity, live.size) > live.size - np.count_nonzero(live)
 
 
 def _threshold(
@@ -677,7 +684,12 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 layer = layers[label]
                 for key, mask in layer.masks.items():
                     self._warn_if_full(layer, key, target, math.prod(mask.shape))
-                scores = None if self.ranking == "magnitude" else signal_to_noise(layer)
+                scores = None
+                if self.ranking == "signal_to_noise" and any(
+                    _loses_weights(ops.convert_to_numpy(mask), target, self.block)
+                    for mask in layer.masks.values()
+                ):
+                    scores = signal_to_noise(layer)  # the noise is needed now
                 changed = _magnitude_cut(layer, target, self.block, scores)
                 if changed:
                     self._apply(

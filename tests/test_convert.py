@@ -421,3 +421,25 @@ def test_tensorflow_compute_is_served_by_plain_tensorflow_and_stays_sparse(tmp_p
     expected = masked.predict(x, verbose=0)
     np.testing.assert_allclose(outputs["one"], expected[:1], atol=1e-4)
     np.testing.assert_allclose(outputs["many"], expected, atol=1e-4)
+
+
+def test_converters_drop_variational_dropout_and_leave_the_input_alone():
+    import keras_prune as kp
+
+    model = kp.make_prunable(convnet())
+    kp.add_variational_dropout(model, examples=64)
+    for layer in kp.masked_layers(model):
+        shape = tuple(layer.kernel.shape)
+        keep = (np.arange(np.prod(shape)) % 3 != 0).reshape(shape)
+        layer.prune_to(keep.astype("float32"))
+    x = np.random.default_rng(0).normal(size=(2, *model.input_shape[1:]))
+    x = x.astype("float32")
+    expected = ops.convert_to_numpy(model(x))
+    for converted in (kp.strip_pruning(model), kp.export_sparse(model)):
+        assert not any("log_sigma2" in v.path for v in converted.weights)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(converted(x)), expected, rtol=1e-4, atol=1e-5
+        )
+    assert all(
+        hasattr(layer, "variational_dropout") for layer in kp.masked_layers(model)
+    )

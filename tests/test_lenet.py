@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_prune as kp
 from keras_prune.cli import main
 from keras_prune.experiments.lenet import (
     DENSE_DECAY_BUILDERS,
@@ -332,3 +333,36 @@ def test_a_stopped_lenet_run_resumes_to_the_same_table(lenet300_run, tmp_path):
     )
     assert status == 0, stderr
     assert read_rows(out) == read_rows(lenet300_run[0])
+
+
+@same_without_native_kernel
+def test_variational_ranking_prunes_with_noise_and_retrains_without(tmp_path):
+    if not os.path.isfile(MNIST):
+        pytest.skip(f"needs the shared MNIST file at {MNIST}")
+    base = dict(
+        data=MNIST, quick=True, train_samples=1200, test_samples=300,
+        validation=300, prune_epochs=2, tolerance=1.0, ranking="variational",
+    )  # fmt: skip
+    for tune_epochs in (0, 1):
+        out = tmp_path / f"tune{tune_epochs}"
+        config = Lenet300Config(out=str(out), tune_epochs=tune_epochs, **base)
+        folder = RunFolder(str(out), settings(config))
+        result = run(config, verbose=0, folder=folder)
+        last = result.rows[-1]
+        assert [last[f"kept_{n}"] for n in ("fc1", "fc2", "fc3")] == pytest.approx(
+            [0.01, 0.03333333, 0.5], abs=1 / 30_000
+        )
+        masked = folder.load_model("masked")
+        noise = [
+            hasattr(layer, "variational_dropout") for layer in kp.masked_layers(masked)
+        ]
+        pruned = keras.saving.load_model(out / "pruned.keras")
+        assert not any("log_sigma2" in v.path for v in pruned.weights)
+        if tune_epochs:  # retrained without the noise, by a new optimizer
+            assert noise == [False] * 3
+            slots = [v.path for v in masked.optimizer.variables]
+            assert not any("log_sigma2" in path for path in slots), slots
+        else:  # a run stopped here resumes with the noise it learned
+            assert noise == [True] * 3
+            log_sigma2 = masked.get_layer("fc1").variational_dropout.log_sigma2
+            assert np.ptp(log_sigma2["kernel"].numpy()) > 0
