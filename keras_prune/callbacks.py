@@ -1175,6 +1175,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "norm": self.norm,
             "quality": self.quality,
             "guard": None if self.guard is None else self.guard.get_config(),
+            "ranking": self.ranking,
         }
 
     @classmethod

@@ -356,6 +356,20 @@ def _in_training() -> bool:
     return bool(context is not None and context.get_value("training"))
 
 
+def _masked_get_config(cls: type) -> Any:
+    """`MaskedLayer.get_config` for the masked version of `cls`, marked as
+    Keras's default where `cls` has no `get_config` of its own: Keras then
+    still builds the config from the constructor's arguments (a custom
+    layer needs no `get_config`)."""
+
+    def get_config(self: Any) -> dict[str, Any]:
+        return MaskedLayer.get_config(self)
+
+    if getattr(cls.get_config, "_is_default", False):  # type: ignore[attr-defined]
+        get_config._is_default = True  # type: ignore[attr-defined]
+    return get_config
+
+
 class _MaskConstraint:
     """The constraint a masked layer puts on each prunable weight: after
     every optimizer step, `weight * mask` (after the user's own constraint).
@@ -693,6 +707,7 @@ def masked_class(cls: type) -> type:
     if hasattr(cls, "get_prunable_weights") or _registered_names(cls) is not None:
         bases: tuple[type, ...] = (MaskedLayer, cls)
         namespace["call"] = _masked_call(cls.call)  # type: ignore[attr-defined]
+        namespace["get_config"] = _masked_get_config(cls)
     else:
         bases = (MaskedContainer, cls)
     masked = type(f"Masked{cls.__name__}", bases, namespace)

@@ -567,8 +567,10 @@ def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
         dict(schedule=ConstantSchedule(0.5, begin_step=3)),
         dict(quality={"fc1": [0.5, 1.0], "fc2": 0.3}, frequency=2,
              guard=AccuracyGuard("val_loss", 0.1, on_drop="stop", baseline=2.0)),
+        dict(final_sparsity={"fc1": 0.9}, ranking="signal_to_noise"),
     ],
-    ids=["named", "object", "per-layer", "constant", "quality-and-guard"],
+    ids=["named", "object", "per-layer", "constant", "quality-and-guard",
+         "signal-to-noise"],
 )  # fmt: skip
 def test_callback_config_round_trips_through_json(arguments):
     import json

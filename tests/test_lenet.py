@@ -97,9 +97,18 @@ def test_pruning_trains_with_adamw_only_given_a_weight_decay():
     model = lenet300()
     compile_model(model, 1e-3, Lenet300Config())
     assert type(model.optimizer) is keras.optimizers.Adam
+    model = kp.make_prunable(model)
+    kp.add_variational_dropout(model, examples=100)
     compile_model(model, 1e-3, Lenet300Config(), weight_decay=0.05)
     assert type(model.optimizer) is keras.optimizers.AdamW
     assert model.optimizer.weight_decay == pytest.approx(0.05)
+    # The decay shrinks the weights, never variational dropout's noise.
+    decayed = {
+        v.name
+        for v in model.trainable_variables
+        if model.optimizer._use_weight_decay(v)
+    }
+    assert decayed == {"kernel", "bias"}
 
 
 def test_distillation_is_cross_entropy_plus_the_softened_teacher():

@@ -204,30 +204,36 @@ def test_unbuilt_masked_layer_says_so():
 def test_custom_layer_opts_in_with_get_prunable_weights(tmp_path):
     @keras.saving.register_keras_serializable(package="tests")
     class Scale(L.Layer):
+        # No get_config: Keras makes the config from the constructor's
+        # arguments, for the masked class too.
+        def __init__(self, factor, **kwargs):
+            super().__init__(**kwargs)
+            self.factor = factor
+
         def build(self, input_shape):
             # Unnamed: Keras numbers it, differently in each new instance.
             self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
 
         def call(self, x):
-            return x * self.w
+            return x * self.w * self.factor
 
         def get_prunable_weights(self):
             return [self.w]
 
     masked = kp.make_prunable(
-        keras.Sequential([keras.Input((4,)), Scale(name="scale")])
+        keras.Sequential([keras.Input((4,)), Scale(2.0, name="scale")])
     )
     layer = masked.get_layer("scale")
     assert type(layer).__name__ == "MaskedScale"
     layer.prune_to(np.array([1, 0, 1, 0], "float32"))
     np.testing.assert_array_equal(
-        masked.predict(np.ones((1, 4)), verbose=0), [[1, 0, 1, 0]]
+        masked.predict(np.ones((1, 4)), verbose=0), [[2, 0, 2, 0]]
     )
     masked.save(tmp_path / "scale.keras")
     keras.layers.Dense(1).build((None, 1))  # shift Keras's automatic numbering
     loaded = keras.models.load_model(tmp_path / "scale.keras")
     np.testing.assert_array_equal(
-        loaded.predict(np.ones((1, 4)), verbose=0), [[1, 0, 1, 0]]
+        loaded.predict(np.ones((1, 4)), verbose=0), [[2, 0, 2, 0]]
     )
     np.testing.assert_array_equal(to_numpy(loaded.layers[0].masks["w"]), [1, 0, 1, 0])
 

@@ -222,3 +222,39 @@ def test_a_bad_ranking_is_named():
         kp.IterativePruningCallback(0.5, ranking="wanda")
     with pytest.raises(ValueError, match="scope='global'"):
         kp.IterativePruningCallback(0.5, scope="global", ranking="signal_to_noise")
+
+
+def test_each_layer_draws_its_own_noise():
+    # Two same-shaped layers on the same input, zero weights and sigma 1:
+    # each output is its layer's noise alone.
+    inputs = keras.Input((1,))
+    first = kp.MaskedDense(3, use_bias=False, name="first")
+    second = kp.MaskedDense(3, use_bias=False, name="second")
+    model = keras.Model(inputs, [first(inputs), second(inputs)])
+    kp.add_variational_dropout(model, examples=10, seed=7)
+    for layer in (first, second):
+        layer.kernel.assign(np.zeros((1, 3)))
+        set_log_sigma2(layer, np.zeros((1, 3)))
+    a, b = model(np.ones((4, 1), "float32"), training=True)
+    assert np.all(to_numpy(a) != 0) and not np.allclose(to_numpy(a), to_numpy(b))
+
+
+def test_mixed_float16_trains_with_pruned_weights():
+    # Under float16, log(theta^2 + 1e-8) of a pruned weight had an infinite
+    # gradient: the loss-scaling optimizer then skipped every step.
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model, layer = dense_model([[1.0, 0.5], [0.25, 2.0]])
+        layer.prune_to(np.array([[1.0, 0.0], [1.0, 1.0]]))
+        kp.add_variational_dropout(model, examples=8, seed=0)
+        model.compile(keras.optimizers.Adam(0.01), "mse")
+        before = to_numpy(layer.kernel)
+        history = model.fit(
+            np.ones((8, 2)), np.zeros((8, 2)), epochs=2, batch_size=4, verbose=0
+        )
+        assert np.isfinite(history.history["loss"]).all()
+        assert to_numpy(model(np.ones((1, 2)), training=True)).dtype == np.float16
+        moved = to_numpy(layer.kernel) != before
+        assert moved[[0, 1, 1], [0, 0, 1]].all() and not moved[0, 1]
+    finally:
+        keras.config.set_dtype_policy("float32")

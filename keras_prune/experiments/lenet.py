@@ -160,12 +160,15 @@ def compile_model(
     config: LenetConfig,
     weight_decay: float = 0.0,
 ):
-    """Adam (AdamW with a `weight_decay` above 0), `DistillationLoss`, and
-    `label_accuracy` logged as accuracy."""
+    """Adam (AdamW with a `weight_decay` above 0, which leaves variational
+    dropout's `log_sigma2` alone), `DistillationLoss`, and `label_accuracy`
+    logged as accuracy."""
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if weight_decay:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
+        optimizer.exclude_from_weight_decay(var_names=["log_sigma2"])
     model.compile(
-        keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
-        if weight_decay
-        else keras.optimizers.Adam(learning_rate),
+        optimizer,
         DistillationLoss(config.distill, config.temperature),
         metrics=[keras.metrics.MeanMetricWrapper(label_accuracy, name="accuracy")],
     )

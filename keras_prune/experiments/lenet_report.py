@@ -74,6 +74,24 @@ def optimizer(config: LenetConfig) -> str:
     return f"AdamW (decoupled weight decay {config.weight_decay:g})"
 
 
+def ranking(config: LenetConfig) -> str:
+    """What the pruning's cuts rank by, in words.
+
+    Example:
+
+    >>> from keras_prune.experiments.settings import Lenet5Config
+    >>> ranking(Lenet5Config())
+    'by magnitude'
+    """
+    if config.ranking == "variational":
+        return (
+            "by signal-to-noise ratio under sparse variational dropout (each "
+            "weight learns a noise level while pruning, Molchanov et al. 2017; "
+            "the retraining runs without the noise)"
+        )
+    return "by magnitude"
+
+
 def _layers(row: dict[str, Any]) -> list[str]:
     return [key.removeprefix("kept_") for key in row if key.startswith("kept_")]
 
@@ -165,7 +183,8 @@ def plot(result: LenetResult, path: str | None = None) -> Any:
     axes.set_ylabel("test error (%)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="upper left", fontsize="small")
-    axes.set_title(f"{network(result.config)} on MNIST: gradual magnitude pruning")
+    method = "variational" if result.config.ranking == "variational" else "magnitude"
+    axes.set_title(f"{network(result.config)} on MNIST: gradual {method} pruning")
     return finish(figure, path)
 
 
@@ -201,7 +220,7 @@ def write_report(result: LenetResult, folder: str) -> dict[str, str]:
 - Dense training: {config.dense_epochs} epochs on training images shifted at
   random by up to {config.shift} pixel{"" if config.shift == 1 else "s"}, Adam at
   {DENSE_RATES[config.dense_decay].format(rate=config.dense_lr)}.
-- Pruning: every layer by magnitude to its own target on a {config.schedule}
+- Pruning: every layer {ranking(config)} to its own target on a {config.schedule}
   schedule over {config.prune_epochs} epochs, with {teacher(result)} as teacher
   (distillation weight {config.distill}, temperature {config.temperature}) and an
   accuracy guard (a cut that costs more than {config.tolerance:.2%} of validation
