@@ -79,8 +79,8 @@ def ranking(config: LenetConfig) -> str:
 
     Example:
 
-    >>> from keras_prune.experiments.settings import Lenet5Config
-    >>> ranking(Lenet5Config())
+    >>> from keras_prune.experiments.settings import Lenet300Config
+    >>> ranking(Lenet300Config())
     'by magnitude'
     """
     if config.ranking == "variational":

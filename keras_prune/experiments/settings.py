@@ -413,6 +413,14 @@ class Lenet5Config(LenetConfig):
         "output folder for report.md, rounds.csv, the plots and the checkpoints "
         "that --resume continues from",
     )
+    ranking: str = _option(
+        "variational",
+        "what each cut ranks the live weights by: variational (sparse "
+        "variational dropout, Molchanov et al. 2017: while pruning, every weight "
+        "learns a noise level, and the weights that are mostly noise are cut "
+        "first; retraining runs without the noise) or magnitude (Han et al.; "
+        "runs recorded before this option)",
+    )
     kept_conv1: float = _option(0.4, "fraction of conv1's 500 weights kept")
     kept_conv2: float = _option(0.025, "fraction of conv2's 25,000 weights kept")
     kept_fc1: float = _option(0.0025, "fraction of fc1's 400,000 weights kept")
@@ -424,6 +432,7 @@ class Lenet5Config(LenetConfig):
 # recorded without the setting had this value, and resumes only with it.
 EARLIER_VALUES: dict[type[JobConfig], dict[str, Any]] = {
     LenetConfig: {"dense_decay": "none"},
+    Lenet5Config: {"ranking": "magnitude"},
 }
 
 
@@ -434,7 +443,7 @@ def earlier_values(config_class: type[JobConfig]) -> dict[str, Any]:
     Example:
 
     >>> earlier_values(Lenet5Config), earlier_values(MnistConfig)
-    ({'dense_decay': 'none'}, {})
+    ({'dense_decay': 'none', 'ranking': 'magnitude'}, {})
     """
     found: dict[str, Any] = {}
     for owner, values in EARLIER_VALUES.items():
