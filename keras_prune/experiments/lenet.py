@@ -12,8 +12,12 @@ recipe, each part a stock Keras or keras_prune piece:
    polynomial or geometric schedule) with a dense teacher (knowledge
    distillation, Hinton et al. 2015, arXiv:1503.02531): the network's own
    dense version, or a dense LeNet-5 (`--teacher lenet5`), and an
-   `AccuracyGuard` on the held-out images;
-4. retraining at the final masks with a lower learning rate.
+   `AccuracyGuard` on the held-out images. Each cut ranks by magnitude, or
+   (`--ranking variational`, LeNet-5's default) by signal-to-noise ratio
+   under sparse variational dropout (`kp.add_variational_dropout`,
+   Molchanov et al. 2017, arXiv:1701.05369);
+4. retraining at the final masks with a lower learning rate (without the
+   noise).
 
 Every epoch is evaluated on the test set and recorded; the result is the
 last epoch's test error, never the best epoch picked on the test set.
