@@ -39,7 +39,9 @@ collect_ignore = TENSORFLOW_ONLY if keras.backend.backend() != "tensorflow" else
 # and the TensorFlow, JAX and PyTorch runs cover them.
 TRAINING_SIDE = [
     "tests/test_callbacks.py",
+    "tests/test_copying.py",
     "tests/test_guard.py",
+    "tests/test_keras_hub.py",
     "tests/test_masking.py",
     "tests/test_masks.py",
     "tests/test_progress.py",

@@ -54,6 +54,7 @@ if _keras_error is None:
         magnitude_mask,
         std_threshold_mask,
     )
+    from keras_prune.registration import install as _install_registration
     from keras_prune.schedules import (
         ConstantSchedule,
         GeometricSchedule,
@@ -76,6 +77,8 @@ if _keras_error is None:
         add_variational_dropout,
         remove_variational_dropout,
     )
+
+    _install_registration()
 else:
     # The command line still starts (its settings and dependency checks need
     # no Keras) and says which extra to install; the library says it here.

@@ -99,6 +99,72 @@ def _finite(layer: Any, key: str, variable: Any) -> np.ndarray:
     )
 
 
+def _frozen(layer: Any) -> bool:
+    """Whether none of a masked layer's prunable weights is trainable."""
+    return not any(v.trainable for v in layer.prunable_weights.values())
+
+
+#: Callbacks whose `on_train_end` changes no weight: no need to wait for them.
+_HARMLESS = (keras.callbacks.History, keras.callbacks.ProgbarLogger)
+
+
+class _LastWord(keras.callbacks.Callback):
+    """Runs the pruning callback's end of training once more, after every
+    other callback's `on_train_end`.
+
+    Keras calls `on_train_end` in list order, so a callback listed after
+    the pruning callback (`EarlyStopping(restore_best_weights=True)`) can
+    restore older weights and masks after the pruning callback finished.
+    `join` finds the `CallbackList` that `fit` made (the caller of
+    `on_train_begin`, whose `callbacks` holds the pruning callback) and puts
+    this callback at its end; at the end of training it puts back the last
+    cut's masks, zeroes pruned weights, names what rolled them back, and
+    leaves the list. Where no such list is found (a caller other than
+    Keras's `fit`), nothing changes: the pruning callback's own
+    `on_train_end` still runs.
+    """
+
+    def __init__(self, owner: Any, callbacks: list[Any], later: list[str]):
+        super().__init__()
+        self.owner = owner
+        self.callbacks = callbacks
+        self.later = later
+
+    @classmethod
+    def join(cls, owner: Any) -> None:
+        import sys
+
+        frame: Any = sys._getframe(1)
+        for _ in range(4):
+            frame = frame.f_back
+            if frame is None:
+                return
+            listed = getattr(frame.f_locals.get("self"), "callbacks", None)
+            if isinstance(listed, list) and any(c is owner for c in listed):
+                break
+        else:
+            return
+        if any(isinstance(c, cls) for c in listed):
+            return
+        position = next(i for i, c in enumerate(listed) if c is owner)
+        later = [
+            type(c).__name__
+            for c in listed[position + 1 :]
+            if not isinstance(c, _HARMLESS)
+        ]
+        if later:
+            listed.append(cls(owner, listed, later))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        culprits = ", ".join(self.later)
+        self.owner._restore_rolled_back(
+            f"A callback listed after IterativePruningCallback ({culprits})"
+        )
+        self.owner._zero_pruned()
+        if self in self.callbacks:
+            self.callbacks.remove(self)
+
+
 class IterativePruningCallback(keras.callbacks.Callback):
     """Raises the magnitude threshold of every masked layer during `fit`.
 
@@ -236,6 +302,19 @@ class IterativePruningCallback(keras.callbacks.Callback):
             thresholds are then signal-to-noise ratios). Needs
             `scope="layer"`, `granularity="weight"` and no `quality`.
             Defaults to `"magnitude"`.
+        prune_frozen: Whether to prune masked layers whose prunable weights
+            are all frozen (`trainable = False`, as a transfer-learning
+            backbone): no retraining can recover what a cut takes from them.
+            `False` leaves them as they are and names them in a warning at
+            the start of `fit`; `True` prunes them too, with a warning that
+            they will not be retrained. Defaults to `False`.
+
+    Whatever its place in the list of callbacks, the model that `fit`
+    returns holds the last cut's masks, pruned weights at zero: where a
+    callback that runs after it at the end of training (`EarlyStopping(
+    restore_best_weights=True)` listed after it) restores older weights
+    and masks, it puts back the last cut's masks after that callback and
+    warns, naming the layers and the callbacks.
 
     Raises:
         ValueError: On a bad argument, here; or at the start of `fit` if the
@@ -271,8 +350,16 @@ class IterativePruningCallback(keras.callbacks.Callback):
         quality: float | list[float] | dict[str, float | list[float]] | None = None,
         guard: AccuracyGuard | None = None,
         ranking: str = "magnitude",
+        prune_frozen: bool = False,
     ):
         super().__init__()
+        if not isinstance(prune_frozen, bool):
+            raise ValueError(
+                "Expected `prune_frozen` to be True or False. "
+                f"Received: prune_frozen={prune_frozen!r}"
+            )
+        self.prune_frozen = prune_frozen
+        self._warned_frozen: set[int] = set()
         if ranking not in RANKINGS:
             raise ValueError(
                 f"Expected `ranking` to be one of {list(RANKINGS)}. "
@@ -600,8 +687,39 @@ class IterativePruningCallback(keras.callbacks.Callback):
 
     @property
     def layers(self) -> list[MaskedLayer]:
-        """The masked layers of the model being trained, wherever they live."""
-        return [layer for layer in masked_layers(self.model) if layer.built]
+        """The masked layers that the callback prunes, wherever they live:
+        every built one, but for frozen ones unless `prune_frozen`."""
+        return [
+            layer
+            for layer in masked_layers(self.model)
+            if layer.built and (self.prune_frozen or not _frozen(layer))
+        ]
+
+    def _warn_frozen(self) -> None:
+        """Names, once per layer, the frozen masked layers: left alone, or
+        pruned without retraining (`prune_frozen=True`)."""
+        frozen = [
+            layer
+            for layer in masked_layers(self.model)
+            if layer.built and _frozen(layer) and id(layer) not in self._warned_frozen
+        ]
+        if not frozen:
+            return
+        self._warned_frozen.update(id(layer) for layer in frozen)
+        names = layer_labels(frozen)
+        if self.prune_frozen:
+            warnings.warn(
+                f"IterativePruningCallback prunes {len(names)} frozen layer(s) "
+                f"(trainable=False), which training will not retrain: {names}",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(
+                f"IterativePruningCallback leaves {len(names)} frozen layer(s) "
+                f"(trainable=False) unpruned: {names}. Pass prune_frozen=True "
+                "to prune them without retraining, or unfreeze them.",
+                stacklevel=3,
+            )
 
     # --- the cuts -----------------------------------------------------
     def _sync_backend_state(self) -> None:
@@ -772,8 +890,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
         )
 
     def _cut_global(self, sparsity: float) -> None:
-        entries = list(iter_masked_weights(self.model))
         labels = {id(layer): label for label, layer in self._labelled()}
+        entries = [e for e in iter_masked_weights(self.model) if id(e[0]) in labels]
         old = [ops.convert_to_numpy(mask) for *_, mask in entries]
         new = global_magnitude_masks(
             [_finite(layer, key, variable) for layer, key, variable, _ in entries],
@@ -918,9 +1036,9 @@ class IterativePruningCallback(keras.callbacks.Callback):
         for layer, key, _, mask in iter_masked_weights(self.model):
             self._cut_masks[(id(layer), key)] = ops.convert_to_numpy(mask) != 0
 
-    def _restore_rolled_back(self) -> None:
-        """Puts back the masks of the last cut where something restored
-        older, less sparse ones, and says so."""
+    def _restore_rolled_back(self, culprits: str = "Something") -> None:
+        """Puts back the masks of the last cut where something (`culprits`,
+        where known) restored older, less sparse ones, and says so."""
         for layer, key, _, mask in iter_masked_weights(self.model):
             recorded = self._cut_masks.get((id(layer), key))
             if recorded is None:
@@ -929,7 +1047,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             revived = int(np.count_nonzero(current & ~recorded))
             if revived:
                 warnings.warn(
-                    f"Something restored an older mask of layer {layer.name!r} "
+                    f"{culprits} restored an older mask of layer {layer.name!r} "
                     f"({key}): {revived} pruned weights were alive again. "
                     "keras_prune put back the mask of the last cut (weights "
                     "restored with it stay restored, pruned ones are zero).",
@@ -1060,6 +1178,8 @@ class IterativePruningCallback(keras.callbacks.Callback):
             self._stopped = False
         self._last_value = None
         self._started = False
+        self._warn_frozen()
+        _LastWord.join(self)
 
     def _maybe_start(self, epoch: int, steps_done: int) -> bool:
         """Resolves the schedules once the masked layers are built: at the
@@ -1176,6 +1296,7 @@ class IterativePruningCallback(keras.callbacks.Callback):
             "quality": self.quality,
             "guard": None if self.guard is None else self.guard.get_config(),
             "ranking": self.ranking,
+            "prune_frozen": self.prune_frozen,
         }
 
     @classmethod

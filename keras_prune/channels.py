@@ -48,7 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.masking import is_graph_model
+from keras_prune.masking import carries_sublayer_configs, is_graph_model
 
 _L = keras.layers
 
@@ -351,7 +351,10 @@ class ChannelGraph:
                     self._ids[id(tensor)] = self._new(_channels(tensor), "model input")
             return
         inputs = [self._ids_of(t) for t in node.input_tensors]
-        if is_graph_model(layer) and self._nested(layer, node, inputs):
+        # A nested model rebuilt from its constructor's arguments (a
+        # keras-hub backbone) is copied whole by `shrink`: not walked.
+        nested = is_graph_model(layer) and carries_sublayer_configs(layer)
+        if nested and self._nested(layer, node, inputs):
             return
         reason = _unsupported(layer, node)
         outputs = None if reason else self._rule(layer, node, inputs)

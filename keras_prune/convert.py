@@ -12,9 +12,6 @@ classes need no registration; a copy owns its buffers (on JAX too).
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 from keras import ops
 
 from keras_prune.compact import compact_in_place
+from keras_prune.copying import clone_layer, copy_model, live_objects
 from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedContainer,
     MaskedDense,
@@ -55,76 +53,6 @@ def _check_model(model: Any, function: str) -> None:
             f"`{function}` expects `model` to be a keras.Model. "
             f"Received: model={model!r} of type {type(model).__name__}"
         )
-
-
-def _live_objects(model: keras.Model) -> dict[str, Any]:
-    """The functions and classes a model's config names, by those names.
-
-    With these in a `custom_object_scope`, the model's config deserializes
-    although the user never registered them."""
-    found: dict[str, Any] = {}
-
-    def add(value: Any) -> None:
-        if inspect.isfunction(value) or isinstance(value, type):
-            found.setdefault(value.__name__, value)
-        elif isinstance(value, dict):
-            for item in value.values():
-                add(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                add(item)
-        elif hasattr(value, "get_config") and not isinstance(value, keras.Variable):
-            found.setdefault(type(value).__name__, type(value))
-
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        found.setdefault(type(layer).__name__, type(layer))
-        for value in vars(layer).values():
-            if not isinstance(value, keras.layers.Layer):
-                add(value)
-    compile_config = getattr(model, "_compile_config", None)
-    if compile_config is not None:
-        add(getattr(compile_config, "config", {}))
-    return found
-
-
-def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
-    """Returns an independent copy of `model`: same class, config and
-    weights, its own buffers, compiled like `model` with a fresh optimizer
-    (uncompiled with `compile=False`).
-
-    The copy goes through Keras's own `.keras` format (in a temporary
-    folder) with the model's live functions and classes in scope, so the
-    user's unregistered activations, losses and layers need no registration.
-
-    Raises:
-        ValueError: If the model cannot be rebuilt from its config (a
-            subclassed model whose `get_config` does not describe it).
-    """
-    objects = _live_objects(model)
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "copy.keras")
-        try:
-            with warnings.catch_warnings():
-                # An unbuilt model copies fine: it is built when it runs.
-                warnings.filterwarnings("ignore", "You are saving a model that has not")
-                model.save(path)
-            with keras.saving.custom_object_scope(objects):
-                clone = keras.saving.load_model(path, compile=False)
-        except Exception as error:  # noqa: BLE001 - any failure of the copy
-            raise ValueError(
-                f"Could not copy model {model.name!r} of type "
-                f"{type(model).__name__} through its config ({error}). Give it "
-                "a `get_config()` that rebuilds it, or convert it in place "
-                "with `inplace=True`."
-            ) from error
-    if (
-        compile
-        and model.compiled
-        and getattr(model, "_compile_config", None) is not None
-    ):
-        with keras.saving.custom_object_scope(objects):
-            clone.compile_from_config(model.get_compile_config())
-    return clone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +137,10 @@ def _all_trainable_count(layer: Any) -> int:
 
 
 def _leave_reason(layer: Any) -> str:
-    if isinstance(layer, _NORMALIZATION):
+    # Other libraries' normalization layers (keras-hub's `RMSNormalization`,
+    # `LlamaLayerNorm`, ...) are told by their names.
+    name = type(layer).__name__
+    if isinstance(layer, _NORMALIZATION) or name.endswith(("Norm", "Normalization")):
         return _NORMALIZATION_REASON
     return (
         f"no pruning rule for {type(layer).__name__}: give it a "
@@ -249,11 +180,18 @@ def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
     )
 
 
+_FROZEN_REASON = "frozen (trainable=False): pass prune_frozen=True to mask it"
+
+
 def _convert(
-    model: keras.Model, selected: Callable[[Any], bool], apply: bool = True
+    model: keras.Model,
+    selected: Callable[[Any], bool],
+    apply: bool = True,
+    prune_frozen: bool = False,
 ) -> ConversionReport:
     """Walks `model` and masks every selected prunable layer in place (or,
-    with `apply=False`, only reports)."""
+    with `apply=False`, only reports); frozen layers only with
+    `prune_frozen`."""
     entries: list[ConversionEntry] = []
     seen: set[int] = set()
     every = model._flatten_layers(include_self=False)
@@ -266,6 +204,12 @@ def _convert(
         weights = _own_trainable_count(layer)
         if isinstance(layer, MaskedLayer) or is_prunable(layer):
             weights = _all_trainable_count(layer)
+        if not layer.trainable and (
+            isinstance(layer, MaskedLayer) or is_prunable(layer)
+        ):
+            # A frozen layer: what it would train unfrozen.
+            weights = sum(int(np.prod(v.shape)) for v in layer.weights)
+            weights -= masked if isinstance(layer, MaskedLayer) else 0
         label = labels.get(id(layer), layer.name)
         entries.append(ConversionEntry(label, kind, status, reason, weights, masked))
 
@@ -280,9 +224,12 @@ def _convert(
             elif is_prunable(layer):
                 reason = _why_not(layer)
                 if not apply:
-                    reason = reason or "not masked"
+                    frozen = not layer.trainable
+                    reason = reason or (_FROZEN_REASON if frozen else "not masked")
                 elif not selected(layer):
                     reason = "not selected by `layers`"
+                elif not layer.trainable and not prune_frozen:
+                    reason = _FROZEN_REASON
                 if reason is None:
                     mask_in_place(layer)
                     entry(layer, kind, "masked")
@@ -319,6 +266,7 @@ def make_prunable(
     layers: Any = None,
     *,
     inplace: bool = False,
+    prune_frozen: bool = False,
     verbose: bool = True,
 ) -> keras.Model:
     """Returns `model` with a pruning mask on every prunable weight.
@@ -350,6 +298,13 @@ def make_prunable(
             layer names, or a callable `layer -> bool`. Defaults to `None`.
         inplace: Convert `model` itself instead of a copy. Defaults to
             `False`.
+        prune_frozen: Whether to mask layers that are frozen
+            (`trainable = False`, as the backbone of the Keras
+            transfer-learning guide): pruning them cannot be retrained.
+            `False` leaves them unmasked, named in the warning and in
+            `conversion_report`; unfreeze them and call `make_prunable`
+            again (on the masked model) to mask them later. Defaults to
+            `False`.
         verbose: Warn about layers with weights left unmasked. Defaults to
             `True`.
 
@@ -374,21 +329,36 @@ def make_prunable(
     selected = _layer_selector(layers)
     if layers is not None and not callable(layers):
         _check_names(model, [layers] if isinstance(layers, str) else list(layers))
+    if not isinstance(prune_frozen, bool):
+        raise ValueError(
+            "Expected `prune_frozen` to be True or False. "
+            f"Received: prune_frozen={prune_frozen!r}"
+        )
     target = model if inplace else copy_model(model)
-    report = _convert(target, selected)
+    report = _convert(target, selected, prune_frozen=prune_frozen)
     _reset_compiled_functions(target)
+    frozen = [e for e in report.left if e.reason == _FROZEN_REASON]
     left = [
         e
         for e in report.left
-        if e.reason not in ("not selected by `layers`", _NORMALIZATION_REASON)
+        if e.reason
+        not in ("not selected by `layers`", _NORMALIZATION_REASON, _FROZEN_REASON)
     ]
-    if verbose and left:
-        lines = "\n".join(
-            f"  {e.name} ({e.kind}, {e.weights:,} weights): {e.reason}" for e in left
+    lines = [f"  {e.name} ({e.kind}, {e.weights:,} weights): {e.reason}" for e in left]
+    if frozen:
+        names = [e.name for e in frozen]
+        shown = ", ".join(names[:8]) + (
+            f" and {len(names) - 8} more" if len(names) > 8 else ""
         )
+        lines.append(
+            f"  {len(frozen)} frozen layer(s) (trainable=False; pruning them "
+            f"could not be retrained): {shown}. Pass prune_frozen=True to mask "
+            "them; conversion_report(model) lists them all."
+        )
+    if verbose and lines:
         warnings.warn(
-            f"make_prunable left {len(left)} layer(s) with trainable weights "
-            f"unmasked:\n{lines}",
+            f"make_prunable left {len(left) + len(frozen)} layer(s) with weights "
+            "unmasked:\n" + "\n".join(lines),
             stacklevel=2,
         )
     return target
@@ -476,21 +446,31 @@ def _clone_functional(
     """Clones a Sequential/Functional `model`, building each layer with
     `replace(layer)` (or a plain copy when it returns `None`), uncompiled;
     `fill(old, new)` then sets the weights of each replaced layer once the
-    clone is built."""
+    clone is built. Nested Sequential and Functional models are cloned the
+    same way; a nested model that its class rebuilds from constructor
+    arguments (a keras-hub backbone) is copied whole (`copy_model`), its
+    layers not replaced."""
     pairs, replaced = [], []
+    objects = live_objects(model)
 
     def clone_function(layer: keras.layers.Layer) -> keras.layers.Layer:
         new_layer = replace(layer)
-        if new_layer is None:
-            new_layer = layer.__class__.from_config(layer.get_config())
-            pairs.append((layer, new_layer))
-        else:
+        if new_layer is not None:
             replaced.append((layer, new_layer))
+        elif is_graph_model(layer) and carries_sublayer_configs(layer):
+            new_layer = _clone_functional(layer, replace, fill)
+        elif isinstance(layer, keras.Model):
+            # A model that its class rebuilds from constructor arguments (a
+            # keras-hub backbone): copied whole, its layers left as they are.
+            new_layer = copy_model(layer, compile=False)
+        else:
+            new_layer = clone_layer(layer, objects)
+            pairs.append((layer, new_layer))
         return new_layer
 
-    with keras.saving.custom_object_scope(_live_objects(model)):
+    with keras.saving.custom_object_scope(objects.by_name):
         clone = keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
+            model, clone_function=clone_function, recursive=False
         )
         for old, new in pairs:  # operations of keras.ops have no weights
             if getattr(old, "built", False) and old.weights:
@@ -500,7 +480,7 @@ def _clone_functional(
                 fill(old, new)
         if not clone.compiled:
             return clone
-        plain = clone.__class__.from_config(clone.get_config())
+        plain = clone_layer(clone, objects)
     plain.set_weights([np.array(w) for w in clone.get_weights()])
     return plain
 
@@ -586,12 +566,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
         from keras_prune.inference.backend import tensorflow_module
 
         tensorflow_module(f"export_sparse(compute={compute!r})")
-    graph = {
-        id(layer)
-        for owner in model._flatten_layers(include_self=True)
-        if is_graph_model(owner)
-        for layer in owner.layers
-    }
+    graph = _replaceable(model)
     dense = [
         layer
         for layer in _pruned(model)
@@ -627,7 +602,7 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
             dtype=config["dtype"],
         )
 
-    if is_graph_model(model):
+    if graph:
         exported = _clone_functional(model, replace)
     else:
         exported = copy_model(model, compile=False)
@@ -638,6 +613,21 @@ def export_sparse(model: keras.Model, compute: str = "auto") -> keras.Model:
     for target in targets:
         compact_in_place(target)
     return exported
+
+
+def _replaceable(model: Any) -> set[int]:
+    """The ids of the layers that `_clone_functional` can replace: those of
+    a Sequential or Functional model built from its graph config, and of
+    such models nested in it (not those of a model rebuilt from its
+    constructor's arguments, such as a keras-hub backbone, which is copied
+    whole)."""
+    if not (is_graph_model(model) and carries_sublayer_configs(model)):
+        return set()
+    found = set()
+    for layer in model.layers:
+        found.add(id(layer))
+        found |= _replaceable(layer)
+    return found
 
 
 def _pruned(model: keras.Model) -> list[MaskedLayer]:

@@ -62,7 +62,12 @@ from keras_prune.litert_interpreter import (
     run,
     run_isolated,
 )
-from keras_prune.masking import find_prunable_weights, is_graph_model, is_prunable
+from keras_prune.masking import (
+    carries_sublayer_configs,
+    find_prunable_weights,
+    is_graph_model,
+    is_prunable,
+)
 
 QUANTIZATIONS = ("float", "float16", "int8")
 # Largest accepted output error, `max |tflite - keras| / max |keras|`:
@@ -207,7 +212,7 @@ def _stock_model(model: keras.Model) -> keras.Model:
             dense.bias.assign(ops.convert_to_numpy(layer.bias))
         return dense
 
-    if is_graph_model(model):
+    if is_graph_model(model) and carries_sublayer_configs(model):
         return strip_pruning(_clone_functional(model, replace), inplace=True)
     return strip_pruning(model)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,39 @@ PRUNABLE_WEIGHTS: dict[type, tuple[str, ...]] = {
     _L.SimpleRNNCell: ("kernel", "recurrent_kernel"),
     _L.LSTMCell: ("kernel", "recurrent_kernel"),
     _L.GRUCell: ("kernel", "recurrent_kernel"),
+    # The output projection exists only where it is not tied to the
+    # embeddings (`tie_weights=False`): "?" marks a weight a layer may lack.
+    _L.ReversibleEmbedding: ("embeddings", "reverse_embeddings?"),
+}
+
+#: The prunable weights of layer classes of other libraries, by
+#: `module.qualname` (keras_prune imports none of them): keras-hub's
+#: position embeddings and the stacked expert kernels of its
+#: mixture-of-experts layers, `(experts, in, out)` each.
+LIBRARY_PRUNABLE_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding": (
+        "embeddings",
+    ),
+    "keras_hub.src.models.mixtral.mixtral_decoder.MixtralMoeExperts": (
+        "expert_feedforward_gate_dense",
+        "expert_feedforward_intermediate_dense",
+        "expert_feedforward_output_dense",
+    ),
+    **{
+        f"keras_hub.src.models.{module}.{cls}": (
+            "expert_feedforward_gate_dense",
+            "expert_feedforward_output_dense",
+        )
+        for module, cls in (
+            ("qwen_moe.qwen_moe_decoder", "QwenMoeExperts"),
+            ("qwen3_moe.qwen3_moe_decoder", "Qwen3MoeExperts"),
+            ("qwen3_5_moe.qwen3_5_moe_decoder", "Qwen3_5MoeExperts"),
+        )
+    },
+    "keras_hub.src.models.gpt_oss.gpt_oss_decoder.GptOssExperts": (
+        "gate_up_proj",
+        "down_proj",
+    ),
 }
 
 
@@ -78,6 +112,9 @@ def _registered_names(cls: type) -> tuple[str, ...] | None:
     for klass in cls.__mro__:
         if klass in PRUNABLE_WEIGHTS:
             return PRUNABLE_WEIGHTS[klass]
+        names = LIBRARY_PRUNABLE_WEIGHTS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if names is not None:
+            return names
     return None
 
 
@@ -142,13 +179,13 @@ def find_prunable_weights(layer: keras.layers.Layer) -> list[keras.Variable]:
     for owner in _own_layers(layer):
         for variable in owner._trainable_variables + owner._non_trainable_variables:
             found.setdefault(variable.name, variable)
-    missing = [name for name in names if name not in found]
+    missing = [name for name in names if name not in found and name[-1] != "?"]
     if missing:
         raise ValueError(
             f"Layer {layer.name!r} of type {type(layer).__name__} has no "
             f"weight named {missing}. Received weights: {sorted(found)}"
         )
-    return [found[name] for name in names]
+    return [found[name.rstrip("?")] for name in names if name.rstrip("?") in found]
 
 
 def _locate(layer: Any, variable: Any) -> tuple[Any, str]:
@@ -258,6 +295,36 @@ class _Hidden:
 
     def __init__(self, value: Any):
         self.value = value
+
+
+#: What Keras's `Layer.get_config` adds to every config, whether or not the
+#: class's constructor takes it.
+_BASE_CONFIG_KEYS = ("name", "trainable", "dtype")
+
+
+def construct_from_config(from_config: Any, cls: type, config: dict[str, Any]) -> Any:
+    """`from_config(config)`, or, where that fails because Keras's automatic
+    config holds base arguments (`name`, `trainable`, `dtype`) that the
+    class's constructor does not take (a subclassed model whose `__init__`
+    takes no arguments, as the Keras guides write one), the class made from
+    the other arguments, with `trainable` set afterwards.
+
+    Keras writes such a config itself and then cannot read it back; the
+    retry changes nothing for a class whose `from_config` works."""
+    try:
+        return from_config(config)
+    except TypeError:
+        constructor = getattr(cls, "__init__")  # noqa: B009 - the class's
+        parameters = inspect.signature(constructor).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            raise
+        dropped = [k for k in config if k not in parameters]
+        if not dropped or any(k not in _BASE_CONFIG_KEYS for k in dropped):
+            raise
+    instance = from_config({k: v for k, v in config.items() if k not in dropped})
+    if "trainable" in dropped:
+        instance.trainable = config["trainable"]
+    return instance
 
 
 class PruningMasks(keras.layers.Layer):
@@ -710,10 +777,28 @@ def masked_class(cls: type) -> type:
         namespace["get_config"] = _masked_get_config(cls)
     else:
         bases = (MaskedContainer, cls)
-    masked = type(f"Masked{cls.__name__}", bases, namespace)
+    masked = type(_masked_name(cls), bases, namespace)
     masked = keras.saving.register_keras_serializable(package="keras_prune")(masked)
     _MASKED_CLASSES[cls] = masked
     return masked
+
+
+def _masked_name(cls: type) -> str:
+    """`Masked<Name>`; where another class of that name has its masked
+    class already, `Masked<package>_<Name>` after `cls`'s registered name
+    (two packages' `TransformerDecoder`). A class defined again (a re-run
+    notebook cell) takes over its name."""
+    name = f"Masked{cls.__name__}"
+    taken = keras.saving.get_registered_object(f"keras_prune>{name}")
+    if taken is None:
+        return name
+    if (taken.__mro__[2].__module__, taken.__mro__[2].__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        keras.saving.get_custom_objects().pop(f"keras_prune>{name}")
+        return name
+    return "Masked" + keras.saving.get_registered_name(cls).replace(">", "_")
 
 
 def mask_in_place(layer: keras.layers.Layer) -> None:
@@ -761,10 +846,37 @@ def is_graph_model(layer: keras.layers.Layer) -> bool:
 
 def carries_sublayer_configs(layer: keras.layers.Layer) -> bool:
     """Whether `layer`'s config holds its sublayers' configs, so that masked
-    sublayers come back masked from the config alone: graph models,
-    wrappers (`TimeDistributed`, `Bidirectional`) and `RNN` with its cell."""
-    return is_graph_model(layer) or isinstance(
+    sublayers come back masked from the config alone: Sequential and
+    Functional models built from their graph config, wrappers
+    (`TimeDistributed`, `Bidirectional`) and `RNN` with its cell.
+
+    A graph model whose class rebuilds it from constructor arguments
+    instead (a keras-hub `Backbone` or `Task`, any Functional subclass with
+    its own `__init__` or `get_config`) does not: its sublayers come back
+    stock, so it is a container (`MaskedContainer`) like a custom block."""
+    if is_graph_model(layer):
+        return _config_is_graph(stock_class(type(layer)))
+    return isinstance(
         layer, keras.layers.Wrapper | keras.layers.Bidirectional | keras.layers.RNN
+    )
+
+
+def _config_is_graph(cls: Any) -> bool:
+    """Whether a graph model class is saved and rebuilt through Keras's
+    graph config: Keras's own rule (`Functional.get_config` falls back to
+    the constructor's arguments for a class whose constructor is not
+    Functional's), and neither method overridden."""
+    from keras.src.models.functional import Functional, functional_like_constructor
+
+    if issubclass(cls, keras.Sequential):
+        base: Any = keras.Sequential
+    else:
+        base = Functional
+        if not functional_like_constructor(cls):
+            return False
+    return (
+        cls.get_config is base.get_config
+        and cls.from_config.__func__ is base.from_config.__func__
     )
 
 
@@ -874,7 +986,7 @@ class MaskedContainer(_Layer):
     def from_config(cls, config: dict[str, Any]) -> Any:
         config = dict(config)
         paths = config.pop("masked_sublayers", [])
-        layer = super().from_config(config)
+        layer = construct_from_config(super().from_config, cls, config)
         object.__setattr__(layer, "_pending_masks", _Hidden([list(p) for p in paths]))
         layer._mask_pending()
         return layer
@@ -892,6 +1004,12 @@ class MaskedContainer(_Layer):
         for path in pending.value:
             layer, done = _resolve(self, path)
             if done == len(path):
+                # The layers on the way get their masked classes as well:
+                # Keras names a graph model's entries in the weights file
+                # after their classes, so a block must be the masked class
+                # it was when it was saved.
+                for step in range(1, len(path)):
+                    mask_in_place(_resolve(self, path[:step])[0])
                 mask_in_place(layer)
             elif done == 0:
                 left.append(path)  # Made by this layer's `build`: wait.

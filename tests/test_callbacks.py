@@ -539,6 +539,47 @@ def test_masks_rolled_back_by_early_stopping_are_put_back_with_a_warning():
     np.testing.assert_array_equal(ops.convert_to_numpy(layer.kernel)[mask == 0], 0)
 
 
+def test_early_stopping_listed_after_the_pruning_callback_cannot_undo_it():
+    # Keras calls `on_train_end` in list order: EarlyStopping restores its
+    # best (dense) weights and masks after the pruning callback has ended.
+    model = small_model()
+    x, y = data()
+    stop = keras.callbacks.EarlyStopping(
+        "loss", patience=0, restore_best_weights=True, mode="max"
+    )
+    pruning = IterativePruningCallback(0.9, schedule="geometric", end_epoch=3)
+    callbacks = [pruning, stop]
+    with pytest.warns(
+        UserWarning,
+        match=r"^A callback listed after IterativePruningCallback \(EarlyStopping\) "
+        r"restored an older mask of layer 'fc1' \(kernel\): \d+ pruned",
+    ):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=callbacks)
+    layer = model.get_layer("fc1")
+    mask = ops.convert_to_numpy(layer.mask)
+    assert layer.sparsity == pytest.approx(1 - 0.49, abs=0.01)
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.kernel)[mask == 0], 0)
+    assert callbacks == [pruning, stop]  # the user's list is not changed
+
+
+def test_frozen_masked_layers_are_left_alone_unless_asked():
+    model = small_model()
+    x, y = data()
+    model.get_layer("fc1").trainable = False
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    with pytest.warns(UserWarning, match=r"leaves 1 frozen layer\(s\).*\['fc1'\]"):
+        callback = IterativePruningCallback(0.5, schedule="constant")
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    assert model.get_layer("fc1").sparsity == 0
+    assert model.get_layer("fc2").sparsity == pytest.approx(0.5, abs=0.05)
+    callback = IterativePruningCallback(0.5, schedule="constant", prune_frozen=True)
+    with pytest.warns(UserWarning, match=r"prunes 1 frozen layer\(s\).*not retrain"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert model.get_layer("fc1").sparsity == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="Received: prune_frozen='yes'"):
+        IterativePruningCallback(0.5, prune_frozen="yes")
+
+
 def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
     model = small_model()
     x, y = data()

@@ -1,0 +1,250 @@
+"""Copies of the user's own live models and layers, for the converters.
+
+`make_prunable`, `strip_pruning`, `export_sparse`, `shrink` and
+`export_litert` never change their input: they work on a copy. A copy of the
+user's live model, made in the user's process, can use what Keras refuses
+to read from an untrusted file, and what a file cannot hold at all:
+
+- the user's unregistered classes and functions, by name (a
+  `custom_object_scope` of the live objects; Keras's own and registered
+  objects are left to Keras, as a bare name can stand for two of them);
+- Python lambdas (`Lambda` layers, `activation=lambda x: ...`): each one
+  that the config holds as code is replaced by a reference to the live
+  function, so closures survive and nothing is unmarshalled;
+- subclassed models without `get_config` whose constructor takes no
+  arguments, whose automatic config Keras writes but cannot read back
+  (`masking.construct_from_config`).
+
+Keras's safe mode is never changed: nothing left to it to refuse remains.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from typing import Any
+
+import keras
+
+from keras_prune.masking import construct_from_config
+
+
+def _resolved_by_keras(value: Any) -> bool:
+    """Whether Keras finds `value` from its config without help: one of
+    Keras's own objects, or one registered with
+    `keras.saving.register_keras_serializable`."""
+    module = getattr(value, "__module__", None) or ""
+    if module == "keras" or module.startswith("keras."):
+        return True
+    name = getattr(value, "__name__", None)
+    return name is None or keras.saving.get_registered_name(value) != name
+
+
+class _Reviver:
+    """Stands for a user's layer or model class in the copy's custom
+    objects: its `from_config`, retried without the base arguments that
+    Keras's automatic config adds where the constructor does not take them."""
+
+    def __init__(self, cls: Any):
+        self.cls = cls
+
+    def from_config(self, config: dict[str, Any]) -> Any:
+        return construct_from_config(self.cls.from_config, self.cls, config)
+
+
+def _lambda_code(function: Any) -> str | None:
+    """The code string under which Keras serializes a lambda (marshalled
+    and base64-encoded, with its defaults and closure), or `None` for a
+    function Keras serializes by name."""
+    if function.__name__ != "<lambda>":
+        return None
+    from keras.src.utils.python_utils import func_dump
+
+    return json.dumps(list(func_dump(function)), default=str)
+
+
+class LiveObjects:
+    """The user's functions and classes that a model's config names.
+
+    Attributes:
+        by_name: `{name: object}` for a `custom_object_scope`.
+        lambdas: `{code: reference name}`: the lambdas, each by the code
+            Keras writes for it, and the name under which `by_name` holds
+            the live function.
+    """
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Any] = {}
+        self.lambdas: dict[str, str] = {}
+
+    def add(self, value: Any) -> None:
+        if callable(value) and getattr(value, "__name__", None) == "<lambda>":
+            code = _lambda_code(value)
+            if code is not None and code not in self.lambdas:
+                name = f"keras_prune_live_lambda_{len(self.lambdas)}"
+                self.lambdas[code] = name
+                self.by_name[name] = value
+            return
+        if _resolved_by_keras(value):
+            return
+        if isinstance(value, type) and issubclass(value, keras.layers.Layer):
+            self.by_name.setdefault(value.__name__, _Reviver(value))
+        else:
+            self.by_name.setdefault(value.__name__, value)
+
+    def revive(self, config: Any) -> Any:
+        """`config` with every lambda that Keras wrote as code replaced by
+        a reference to the live function (a new object; `config` is not
+        changed)."""
+        if isinstance(config, list | tuple):
+            return type(config)(self.revive(item) for item in config)
+        if not isinstance(config, dict):
+            return config
+        code = None
+        if config.get("class_name") == "__lambda__" and isinstance(
+            config.get("config"), dict
+        ):
+            inner = config["config"]  # a `Lambda` layer's function
+            parts = inner.get("value") or [
+                inner.get("code"),
+                inner.get("defaults"),
+                inner.get("closure"),
+            ]
+            code = json.dumps(list(parts), default=str)
+        elif set(config) == {"value"} and isinstance(config["value"], list):
+            code = json.dumps(list(config["value"]), default=str)  # activation
+        if code is not None and code in self.lambdas:
+            name = self.lambdas[code]
+            return {
+                "module": None,
+                "class_name": "function",
+                "config": name,
+                "registered_name": "function",
+            }
+        return {key: self.revive(value) for key, value in config.items()}
+
+
+def live_objects(model: keras.layers.Layer) -> LiveObjects:
+    """The user's functions and classes that `model`'s config names (see
+    `LiveObjects`), found in the attributes of its layers and in its compile
+    config."""
+    found = LiveObjects()
+
+    def add(value: Any) -> None:
+        if inspect.isfunction(value) or isinstance(value, type):
+            found.add(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+        elif hasattr(value, "get_config") and not isinstance(value, keras.Variable):
+            found.add(type(value))
+
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        found.add(type(layer))
+        for value in vars(layer).values():
+            if not isinstance(value, keras.layers.Layer):
+                add(value)
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is not None:
+        add(getattr(compile_config, "config", {}))
+    return found
+
+
+def _rewrite_config(path: str, objects: LiveObjects) -> None:
+    """Replaces, in the `.keras` file at `path`, its config by
+    `objects.revive(config)`."""
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(members["config.json"])
+    members["config.json"] = json.dumps(objects.revive(config)).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
+    """Returns an independent copy of `model`: same class, config and
+    weights, its own buffers, compiled like `model` with a fresh optimizer
+    (uncompiled with `compile=False`).
+
+    The copy goes through Keras's own `.keras` format (in a temporary
+    folder), reading back with the model's live objects (see the module's
+    docstring): unregistered classes and functions, lambdas, and subclassed
+    models whose constructor takes no arguments copy as they are.
+
+    Args:
+        model: A `keras.Model`.
+        compile: Compile the copy like `model` (with a fresh optimizer).
+            Defaults to `True`.
+
+    Returns:
+        The copy.
+
+    Raises:
+        ValueError: If the model cannot be rebuilt from its config (a
+            subclassed model whose `get_config` does not describe it); the
+            message names the model and Keras's reason, and offers
+            `inplace=True`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((2,)),
+    ...     keras.layers.Dense(1, activation=lambda x: 2 * x)])
+    >>> copy = copy_model(model)
+    >>> copy is model, float(copy(np.ones((1, 2)))[0, 0]) == float(model(
+    ...     np.ones((1, 2)))[0, 0])
+    (False, True)
+    """
+    objects = live_objects(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "copy.keras")
+        try:
+            with warnings.catch_warnings():
+                # An unbuilt model copies fine: it is built when it runs.
+                warnings.filterwarnings("ignore", "You are saving a model that has not")
+                warnings.filterwarnings(
+                    "ignore", "The object being serialized includes"
+                )
+                model.save(path)
+            _rewrite_config(path, objects)
+            with keras.saving.custom_object_scope(objects.by_name):
+                clone = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # noqa: BLE001 - any failure of the copy
+            raise ValueError(
+                f"Could not copy model {model.name!r} of type "
+                f"{type(model).__name__} through Keras's saving format "
+                f"{_first_lines(error)} Give the class named there a "
+                "`get_config()` that rebuilds it, or convert the model in "
+                "place with `inplace=True` (it is then changed)."
+            ) from error
+    if (
+        compile
+        and model.compiled
+        and getattr(model, "_compile_config", None) is not None
+    ):
+        with keras.saving.custom_object_scope(objects.by_name):
+            clone.compile_from_config(model.get_compile_config())
+    return clone
+
+
+def clone_layer(layer: keras.layers.Layer, objects: LiveObjects) -> Any:
+    """A new layer from `layer`'s config (not built, no weights), reading
+    back the live objects that `objects` holds (lambdas included)."""
+    config = objects.revive(layer.get_config())
+    with keras.saving.custom_object_scope(objects.by_name):
+        return construct_from_config(layer.__class__.from_config, type(layer), config)
+
+
+def _first_lines(error: Exception, limit: int = 600) -> str:
+    """An error's type and the start of its message, for a message of ours
+    that quotes it (Keras's deserialization errors print whole configs)."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"({type(error).__name__}: {text})."

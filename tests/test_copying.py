@@ -1,0 +1,154 @@
+"""Copies of the user's own live models (`keras_prune.copying`): every model
+that Keras itself can copy, and the user code that Keras refuses to read
+from an untrusted file, goes through `make_prunable` and the converters
+with the input untouched and Keras's safe mode as it was."""
+
+import threading
+
+import keras
+import numpy as np
+import pytest
+
+import keras_prune as kp
+from keras_prune.copying import copy_model
+from tests.backend_utils import to_numpy
+
+L = keras.layers
+
+
+class GuideModel(keras.Model):
+    """A subclassed model as the Keras guides write one: no constructor
+    arguments, no `get_config`."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = L.Dense(8, activation="relu")
+        self.out = L.Dense(2)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def guide_model():
+    model = GuideModel()
+    model(np.zeros((1, 4), "float32"))
+    return model
+
+
+def lambda_activation():
+    scale = 3.0  # a closure: the copy must keep it
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Dense(8, activation=lambda t: keras.ops.relu(t) * scale),
+            L.Dense(2),
+        ]
+    )
+
+
+def lambda_layer():
+    inputs = keras.Input((4,))
+    x = L.Lambda(lambda t: t * 2.0 + 1.0)(L.Dense(8)(inputs))
+    return keras.Model(inputs, L.Dense(2)(x))
+
+
+USER_CODE = {
+    "subclassed, no-argument constructor": guide_model,
+    "lambda activation": lambda_activation,
+    "Lambda layer": lambda_layer,
+}
+
+
+def x4():
+    return np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+
+
+@pytest.mark.parametrize("make", USER_CODE.values(), ids=USER_CODE.keys())
+def test_user_code_is_made_prunable_pruned_and_exported(make, tmp_path):
+    model = make()
+    before = [to_numpy(w).copy() for w in model.weights]
+    x = x4()
+    expected = to_numpy(model(x))
+    masked = kp.make_prunable(model, verbose=False)
+    assert len(kp.masked_layers(masked)) == 2
+    np.testing.assert_array_equal(to_numpy(masked(x)), expected)
+    # The input is untouched: same classes, same weights.
+    assert not kp.masked_layers(model)
+    for old, new in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, to_numpy(new))
+    for layer in kp.masked_layers(masked):
+        layer.prune_to({"kernel": np.eye(*layer.masks["kernel"].shape)})
+    pruned = to_numpy(masked(x))
+    np.testing.assert_allclose(to_numpy(kp.strip_pruning(masked)(x)), pruned, 1e-6)
+
+
+def test_a_lambda_keeps_its_closure_through_the_copy():
+    model = lambda_activation()
+    x = x4()
+    copy = copy_model(model)
+    np.testing.assert_array_equal(to_numpy(copy(x)), to_numpy(model(x)))
+    assert copy.layers[0].activation is model.layers[0].activation
+
+
+def test_mobilenet_v3_copies_although_two_classes_are_named_add():
+    # `x + 3.0` in MobileNetV3 is Keras's `Add` operation; the model also has
+    # `Add` layers: the copy must not mistake one for the other.
+    model = keras.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, classes=3, include_preprocessing=False
+    )
+    masked = kp.make_prunable(model, verbose=False)
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(masked(x)), to_numpy(model(x)), rtol=1e-5, atol=1e-6
+    )
+    assert len(kp.masked_layers(masked)) > 30
+
+
+def test_safe_mode_is_as_it_was_after_a_copy_and_after_a_failed_one():
+    from keras.src.saving import serialization_lib
+
+    copy_model(lambda_layer())
+    assert serialization_lib.in_safe_mode() is None
+
+    class Unbuildable(keras.Model):
+        def __init__(self, width):  # not a type Keras can put in a config
+            super().__init__()
+            self.width = width
+            self.dense = L.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Unbuildable(width=[object()])
+    model(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="Could not copy model 'unbuildable"):
+        kp.make_prunable(model)
+    assert serialization_lib.in_safe_mode() is None
+    # Another thread never saw safe mode off either.
+    seen = []
+    thread = threading.Thread(
+        target=lambda: seen.append(serialization_lib.in_safe_mode())
+    )
+    thread.start()
+    thread.join()
+    assert seen == [None]
+
+
+def test_a_model_that_cannot_be_copied_is_named_and_inplace_offered():
+    class Unbuildable(keras.Model):
+        def __init__(self, layer, name=None):  # a layer: no automatic config
+            super().__init__(name=name)
+            self.inner = layer
+
+        def call(self, x):
+            return self.inner(x)
+
+    model = Unbuildable(L.Dense(2), name="user_model")
+    model(np.zeros((1, 3)))
+    with pytest.raises(ValueError) as error:
+        kp.make_prunable(model)
+    message = str(error.value)
+    assert "Could not copy model 'user_model' of type Unbuildable" in message
+    assert "inplace=True" in message
+    masked = kp.make_prunable(model, inplace=True, verbose=False)
+    assert masked is model and len(kp.masked_layers(model)) == 1

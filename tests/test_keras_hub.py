@@ -1,0 +1,221 @@
+"""keras-hub models through the whole pipeline, one of each kind: an
+encoder (BERT), a decoder with grouped-query attention (Llama), an
+encoder-decoder (BART), a mixture of experts (Mixtral), a task model
+(GPT2CausalLM) and a bare backbone. Each is made prunable, pruned in `fit`,
+saved and loaded with its masks, exported and stripped with its outputs
+kept. keras-hub is a test dependency; tiny configurations, random weights."""
+
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_prune as kp
+from tests.backend_utils import BACKEND, to_numpy
+
+keras_hub = pytest.importorskip("keras_hub")
+models = keras_hub.models
+
+VOCAB, LENGTH = 64, 8
+
+
+def tokens(n=4, prefix=""):
+    rng = np.random.default_rng(0)
+    return {
+        f"{prefix}token_ids": rng.integers(1, VOCAB, (n, LENGTH)).astype("int32"),
+        f"{prefix}padding_mask": np.ones((n, LENGTH), "int32"),
+    }
+
+
+def bert():
+    backbone = models.BertBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )  # fmt: skip
+    x = {**tokens(), "segment_ids": np.zeros((4, LENGTH), "int32")}
+    return with_head(backbone, "pooled_output"), x
+
+
+def llama():
+    backbone = models.LlamaBackbone(
+        vocabulary_size=VOCAB, num_layers=2, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+    )  # fmt: skip
+    return with_head(backbone), tokens()
+
+
+def bart():
+    backbone = models.BartBackbone(
+        vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )  # fmt: skip
+    x = {**tokens(prefix="encoder_"), **tokens(prefix="decoder_")}
+    return with_head(backbone, "decoder_sequence_output"), x
+
+
+def mixtral():
+    backbone = models.MixtralBackbone(
+        vocabulary_size=VOCAB, num_layers=1, num_query_heads=4,
+        num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+        num_experts=4, top_k=2,
+    )  # fmt: skip
+    return with_head(backbone), tokens()
+
+
+def gpt2_causal_lm():
+    backbone = models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )  # fmt: skip
+    return models.GPT2CausalLM(backbone=backbone, preprocessor=None), tokens()
+
+
+def gpt2_backbone():
+    return models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    ), tokens()  # fmt: skip
+
+
+def with_head(backbone, output=None):
+    """The backbone under a small classification head, as a user adds one."""
+    x = backbone(backbone.input)
+    if output is not None:
+        x = x[output]
+    if len(x.shape) == 3:
+        x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(backbone.input, keras.layers.Dense(2, name="head")(x))
+
+
+KINDS = {
+    "encoder BERT": bert,
+    "decoder with GQA Llama": llama,
+    "encoder-decoder BART": bart,
+    "mixture of experts Mixtral": mixtral,
+    "task GPT2CausalLM": gpt2_causal_lm,
+    "bare backbone GPT2": gpt2_backbone,
+}
+
+
+def outputs(model, x):
+    y = model(x, training=False)
+    if isinstance(y, dict):
+        y = y[sorted(y)[0]]
+    return to_numpy(y)
+
+
+def mask_counts(model):
+    # Unnamed sublayers (the experts' block) get new numbered names on load.
+    return sorted(
+        (type(layer).__name__, key, int(np.count_nonzero(to_numpy(mask))))
+        for layer in kp.masked_layers(model)
+        for key, mask in layer.masks.items()
+    )
+
+
+def pruned_model(make):
+    keras.utils.set_random_seed(0)
+    stock, x = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # normalization layers left: by design
+        masked = kp.make_prunable(stock)
+    return stock, masked, x
+
+
+@pytest.mark.parametrize("make", KINDS.values(), ids=KINDS.keys())
+def test_keras_hub_model_prunes_saves_loads_and_exports(make, tmp_path):
+    stock, masked, x = pruned_model(make)
+    trainable = sum(int(np.prod(v.shape)) for v in stock.trainable_weights)
+    covered = sum(
+        int(np.prod(w.shape))
+        for layer in kp.masked_layers(masked)
+        for w in layer.prunable_weights.values()
+    )
+    assert covered / trainable >= 0.9  # all but biases and normalization
+    np.testing.assert_array_equal(outputs(masked, x), outputs(stock, x))
+    target = outputs(stock, x)
+    if isinstance(masked, keras_hub.models.CausalLM):
+        masked.compile(keras.optimizers.Adam(1e-3))  # the task's own loss
+        y = x["token_ids"]
+    else:
+        masked.compile(keras.optimizers.Adam(1e-3), "mse")
+        y = np.zeros_like(target)
+    masked.fit(
+        x, y, epochs=2, batch_size=2, verbose=0,
+        callbacks=[kp.IterativePruningCallback(final_sparsity=0.5)],
+    )  # fmt: skip
+    assert kp.sparsity_summary(masked).sparsity == pytest.approx(0.5, abs=0.01)
+    expected = outputs(masked, x)
+
+    masked.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert type(loaded) is type(masked)
+    assert mask_counts(loaded) == mask_counts(masked)
+    np.testing.assert_array_equal(outputs(loaded, x), expected)
+    if BACKEND != "tensorflow":
+        return  # export_sparse is TensorFlow code
+    stripped = kp.strip_pruning(masked)
+    assert not kp.masked_layers(stripped)
+    np.testing.assert_allclose(outputs(stripped, x), expected, rtol=1e-5, atol=1e-6)
+    exported = kp.export_sparse(masked)
+    np.testing.assert_allclose(outputs(exported, x), expected, rtol=1e-5, atol=1e-6)
+    exported.save(tmp_path / "exported.keras")
+    again = keras.models.load_model(tmp_path / "exported.keras")
+    np.testing.assert_allclose(outputs(again, x), expected, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "exported.keras").stat().st_size < (
+        tmp_path / "model.keras"
+    ).stat().st_size
+
+
+LOAD_IN_NEW_PROCESS = """
+import sys
+import numpy as np
+{imports}
+import keras
+data = np.load(sys.argv[2])
+model = keras.models.load_model(sys.argv[1])
+x = {{k: data[k] for k in data.files if k != "expected"}}
+y = keras.ops.convert_to_numpy(model(x, training=False))
+print(type(model).__name__, float(np.abs(y - data["expected"]).max()))
+"""
+
+
+@pytest.mark.parametrize(
+    "imports",
+    ["import keras_prune\nimport keras_hub", "import keras_hub\nimport keras_prune"],
+    ids=["keras_prune first", "keras_hub first"],
+)
+def test_pruned_causal_lm_loads_in_a_new_process(imports, tmp_path):
+    _, masked, x = pruned_model(gpt2_causal_lm)
+    for layer in kp.masked_layers(masked):
+        mask = np.zeros(tuple(layer.masks[next(iter(layer.masks))].shape))
+        mask.flat[::2] = 1
+        layer.prune_to({next(iter(layer.masks)): mask})
+    masked.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", expected=outputs(masked, x), **x)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_NEW_PROCESS.format(imports=imports),
+         str(tmp_path / "model.keras"), str(tmp_path / "data.npz")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["MaskedGPT2CausalLM", "0.0"]
+
+
+def test_frozen_backbone_is_left_unpruned_and_named():
+    backbone = models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )  # fmt: skip
+    backbone.trainable = False
+    model = with_head(backbone)
+    with pytest.warns(UserWarning, match=r"frozen layer\(s\) \(trainable=False"):
+        masked = kp.make_prunable(model)
+    assert [layer.name for layer in kp.masked_layers(masked)] == ["head"]
+    report = kp.conversion_report(masked)
+    frozen = [e for e in report.left if e.reason.startswith("frozen")]
+    # token and position embeddings, 4 attention and 2 feed-forward kernels
+    assert len(frozen) == 8
