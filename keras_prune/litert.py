@@ -260,11 +260,19 @@ def _convert(model: keras.Model, quantization: str, sparsity: bool) -> bytes:
             )
         except Exception as error:  # noqa: BLE001 - the converter's own errors
             first = str(error).strip().splitlines()[0][:300] if str(error) else ""
+            recurrent = any(
+                isinstance(layer, keras.layers.RNN)
+                for layer in model._flatten_layers(include_self=False)
+            )
+            hint = (
+                " Recurrent layers (LSTM, GRU) need TensorFlow ops that "
+                "LiteRT's builtin interpreter lacks."
+                if recurrent
+                else ""
+            )
             raise ValueError(
                 f"TFLite's converter cannot express model {model.name!r} with "
-                f"TFLite builtin ops ({type(error).__name__}: {first}). Recurrent "
-                "layers (LSTM, GRU) need TensorFlow ops that LiteRT's builtin "
-                "interpreter lacks."
+                f"TFLite builtin ops ({type(error).__name__}: {first}).{hint}"
             ) from error
         with open(path, "rb") as file:
             return file.read()
@@ -411,7 +419,7 @@ def _int8_sparse(tensors: list[dict[str, Any]]) -> bool:
 def _check(
     content: bytes,
     tensors: list[dict[str, Any]],
-    sample: np.ndarray,
+    sample: Any,
     expected: np.ndarray,
     tolerance: float,
 ) -> tuple[str, float, list[str]]:
@@ -441,7 +449,7 @@ def _check(
 
 
 def _latencies(
-    contents: dict[str, tuple[bytes, str]], row: np.ndarray, repeats: int
+    contents: dict[str, tuple[bytes, str]], row: Any, repeats: int
 ) -> dict[str, float]:
     """Median batch-1 latency (ms) of each `(content, resolver)`, one thread,
     timed in turns so that both see the same machine load."""
@@ -461,17 +469,76 @@ def _latencies(
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
-def _default_sample(model: keras.Model, rows: int = 8) -> np.ndarray:
-    shape = model.inputs[0].shape[1:]
+def _default_input(tensor: Any, rows: int = 8) -> np.ndarray:
+    shape = tensor.shape[1:]
     if any(size is None for size in shape):
         raise ValueError(
             "Expected `sample` for a model whose input shape has unknown sizes. "
-            f"Received: sample=None, input shape {model.inputs[0].shape}"
+            f"Received: sample=None, input {tensor.name!r} of shape {tensor.shape}"
         )
-    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    dtype = keras.backend.standardize_dtype(tensor.dtype)
     if "int" in dtype:
         return np.zeros((rows, *shape), dtype=dtype)
     return np.random.default_rng(0).normal(size=(rows, *shape)).astype(dtype)
+
+
+def _sample(model: keras.Model, sample: Any) -> Any:
+    """The inputs to check the file on: an array for a model with one input,
+    `{input name: array}` for several (given as a dict by name or a list in
+    the order of `model.inputs`); validated against the inputs' shapes."""
+    tensors = list(model.inputs)
+    if len(tensors) == 1:
+        given = {tensors[0].name: sample} if sample is not None else {}
+    elif sample is None:
+        given = {}
+    elif isinstance(sample, dict):
+        given = dict(sample)
+    elif isinstance(sample, list | tuple) and len(sample) == len(tensors):
+        given = {t.name: value for t, value in zip(tensors, sample, strict=True)}
+    else:
+        raise ValueError(
+            f"Expected `sample` for a model with inputs {[t.name for t in tensors]} "
+            "to be a dict of arrays by input name, or a list in that order. "
+            f"Received: sample of type {type(sample).__name__}"
+        )
+    names = [t.name for t in tensors]
+    if given and sorted(given) != sorted(names):
+        raise ValueError(
+            f"Expected `sample` to hold the model's inputs {names}. "
+            f"Received: {sorted(given)}"
+        )
+    arrays = {}
+    for tensor in tensors:
+        value = given.get(tensor.name)
+        value = _default_input(tensor) if value is None else np.asarray(value)
+        shape = tensor.shape
+        if (
+            value.ndim != len(shape)
+            or len(value) == 0
+            or any(
+                n not in (None, m)
+                for n, m in zip(shape[1:], value.shape[1:], strict=True)
+            )
+        ):
+            label = "" if len(tensors) == 1 else f"[{tensor.name!r}]"
+            raise ValueError(
+                f"Expected `sample{label}` to be a batch of inputs of shape "
+                f"{shape}. Received: sample{label}.shape={value.shape}"
+            )
+        arrays[tensor.name] = value
+    if len({len(value) for value in arrays.values()}) != 1:
+        raise ValueError(
+            "Expected the arrays of `sample` to have the same number of rows. "
+            f"Received: { {k: len(v) for k, v in arrays.items()} }"
+        )
+    return arrays if len(tensors) > 1 else arrays[tensors[0].name]
+
+
+def _rows(inputs: Any, stop: int) -> Any:
+    """The first `stop` rows of an array or of each array of a dict."""
+    if isinstance(inputs, dict):
+        return {name: value[:stop] for name, value in inputs.items()}
+    return inputs[:stop]
 
 
 def export_litert(
@@ -511,15 +578,18 @@ def export_litert(
     every resolver is refused.
 
     Args:
-        model: A Sequential or Functional `keras.Model` with one input and
-            one output (masked, exported or stock), on the TensorFlow
-            backend. Recurrent layers do not convert to TFLite builtins.
+        model: A Sequential or Functional `keras.Model` (a keras-hub task
+            or a backbone under a head too) with one output, masked,
+            exported or stock, on the TensorFlow backend. Recurrent layers
+            do not convert to TFLite builtins.
         path: Where to write the file; must end with `.tflite`.
         quantization: `"float"`, `"float16"` or `"int8"`. Defaults to
             `"float"`.
         sample: Inputs to check the outputs on, a numpy array with a batch
-            dimension. Defaults to 8 standard-normal rows (zeros for integer
-            inputs); required when the input shape has unknown sizes.
+            dimension (for a model with several inputs, a dict of them by
+            input name, or a list in the order of `model.inputs`). Defaults
+            to 8 standard-normal rows (zeros for integer inputs); required
+            when an input shape has unknown sizes.
         compare: Also convert the model without sparsity and time both at
             batch 1. Defaults to `True`.
         repeats: Timed batch-1 calls of each file. Defaults to `200`.
@@ -531,7 +601,7 @@ def export_litert(
         TypeError: If `model` is not a `keras.Model`.
         ValueError: For a bad `path`, `quantization`, `repeats` or `sample`
             (or NaN outputs on it); a subclassed model, or one with several
-            inputs or outputs; a model the converter cannot express with
+            outputs; a model the converter cannot express with
             TFLite builtins; or a file whose outputs differ from the model's
             beyond `TOLERANCE[quantization]` (relative to the largest
             output) under every resolver. Nothing is written then, and the
@@ -584,25 +654,12 @@ def export_litert(
             f"are known. Received: model={model.name!r} of type "
             f"{type(model).__name__}"
         )
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.outputs) != 1:
         raise ValueError(
-            "export_litert checks and times models with one input and one "
-            f"output. Received: a model with {len(model.inputs)} inputs and "
-            f"{len(model.outputs)} outputs"
+            "export_litert checks and times models with one output. Received: "
+            f"a model with {len(model.outputs)} outputs"
         )
-    sample = _default_sample(model) if sample is None else np.asarray(sample)
-    shape = model.inputs[0].shape
-    if (
-        sample.ndim != len(shape)
-        or len(sample) == 0
-        or any(
-            n not in (None, m) for n, m in zip(shape[1:], sample.shape[1:], strict=True)
-        )
-    ):
-        raise ValueError(
-            "Expected `sample` to be a batch of inputs of shape "
-            f"{shape}. Received: sample.shape={sample.shape}"
-        )
+    sample = _sample(model, sample)
     expected = ops.convert_to_numpy(model(sample, training=False))
     if not np.all(np.isfinite(expected)):
         raise ValueError(
@@ -610,7 +667,19 @@ def export_litert(
             "file against. Received: NaN or infinite outputs"
         )
     stock = _stock_model(model)
-    content = _convert(stock, quantization, sparsity=True)
+    try:
+        content = _convert(stock, quantization, sparsity=True)
+    except ValueError as sparse_error:
+        # The converter's sparsity pass fails on some graphs that convert
+        # dense (a sparse embedding tied to the output projection: "operand
+        # #0 does not dominate this use"): a dense file, said so.
+        content = _convert(stock, quantization, sparsity=False)
+        warnings.warn(
+            f"export_litert: TFLite's converter fails on this model with its "
+            f"sparsity optimization ({sparse_error.__cause__ or sparse_error}); "
+            f"{path} stores every weight dense.",
+            stacklevel=2,
+        )
     tensors = _tensors(content)
     weights = _weights_report(_pruned_weights(stock), tensors)
     resolver, error, failures = _check(
@@ -627,7 +696,7 @@ def export_litert(
     if compare and dense is not None:
         timed = _latencies(
             {"sparse": (content, resolver), "dense": (dense, "default")},
-            sample[:1],
+            _rows(sample, 1),
             repeats,
         )
         latency, dense_latency = timed["sparse"], timed["dense"]

@@ -61,14 +61,14 @@ def litert_modules() -> tuple[Any, Any, Any]:
 
 
 def load(content: bytes, resolver: str, batch: int) -> Any:
-    """A one-thread interpreter for a single-input `.tflite` file.
+    """A one-thread interpreter for a `.tflite` file.
 
     Args:
         content: The file's bytes.
         resolver: `"default"` (LiteRT's default delegates, XNNPACK) or
             `"without_default_delegates"` (its builtin kernels only).
-        batch: Rows of the input; the input's first dimension is resized to
-            it (the other dimensions are the file's).
+        batch: Rows of the inputs; each input's first dimension is resized
+            to it (the other dimensions are the file's).
 
     Returns:
         The interpreter, its tensors allocated, ready for `run`.
@@ -89,20 +89,29 @@ def load(content: bytes, resolver: str, batch: int) -> Any:
     result = interpreter_class(
         model_content=content, num_threads=1, experimental_op_resolver_type=kind
     )
-    detail = result.get_input_details()[0]
-    result.resize_tensor_input(
-        detail["index"], [batch, *detail["shape"][1:]], strict=False
-    )
+    for detail in result.get_input_details():
+        result.resize_tensor_input(
+            detail["index"], [batch, *detail["shape"][1:]], strict=False
+        )
     result.allocate_tensors()
     return result
 
 
-def run(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
+def input_name(detail: dict[str, Any]) -> str:
+    """The Keras input name of an interpreter's input: Keras's export names
+    the tensor `serving_default_<name>:0`."""
+    name = detail["name"].rsplit(":", 1)[0]
+    return name.removeprefix("serving_default_")
+
+
+def run(interpreter: Any, inputs: Any) -> np.ndarray:
     """The first output of an interpreter from `load` on `inputs`.
 
     Args:
-        interpreter: From `load`, with `batch == len(inputs)`.
-        inputs: A numpy array of the input's shape; cast to its dtype.
+        interpreter: From `load`, with `batch` the inputs' rows.
+        inputs: A numpy array of the input's shape, or for a file with
+            several inputs `{Keras input name: array}`; cast to the inputs'
+            dtypes.
 
     Returns:
         A copy of the output, `len(inputs)` rows.
@@ -119,8 +128,25 @@ def run(interpreter: Any, inputs: np.ndarray) -> np.ndarray:
     >>> run(interpreter, np.ones((4, 3))).shape
     (4, 2)
     """
-    detail = interpreter.get_input_details()[0]
-    interpreter.set_tensor(detail["index"], inputs.astype(detail["dtype"]))
+    details = interpreter.get_input_details()
+    if not isinstance(inputs, dict):
+        inputs = {input_name(details[0]): inputs}
+    names = sorted(input_name(detail) for detail in details)
+    if sorted(inputs) != names:
+        raise ValueError(
+            f"Expected inputs named {names} for this file. Received: {sorted(inputs)}"
+        )
+    values = {d["index"]: np.asarray(inputs[input_name(d)]) for d in details}
+    resized = [d for d in details if tuple(d["shape"]) != values[d["index"]].shape]
+    for detail in resized:  # sizes the file leaves open (a sequence length)
+        interpreter.resize_tensor_input(
+            detail["index"], list(values[detail["index"]].shape), strict=True
+        )
+    if resized:
+        interpreter.allocate_tensors()
+    for detail in details:
+        value = values[detail["index"]]
+        interpreter.set_tensor(detail["index"], value.astype(detail["dtype"]))
     interpreter.invoke()
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
 
@@ -137,7 +163,7 @@ def _child_command(model: str, inputs: str, resolver: str, outputs: str) -> list
     return [sys.executable, "-c", script, __file__, model, inputs, resolver, outputs]
 
 
-def run_isolated(content: bytes, resolver: str, inputs: np.ndarray) -> np.ndarray:
+def run_isolated(content: bytes, resolver: str, inputs: Any) -> np.ndarray:
     """`run(load(content, resolver, len(inputs)), inputs)` in a child
     process, so that a crash inside LiteRT cannot take this process down.
 
@@ -149,10 +175,11 @@ def run_isolated(content: bytes, resolver: str, inputs: np.ndarray) -> np.ndarra
     Args:
         content: The `.tflite` file's bytes.
         resolver: See `load`.
-        inputs: A numpy array with a batch dimension.
+        inputs: A numpy array with a batch dimension, or `{name: array}`
+            (see `run`).
 
     Returns:
-        The first output, `len(inputs)` rows.
+        The first output, one row per input row.
 
     Raises:
         RuntimeError: When LiteRT refuses the file (its message), crashes
@@ -171,8 +198,14 @@ def run_isolated(content: bytes, resolver: str, inputs: np.ndarray) -> np.ndarra
         model = os.path.join(folder, "model.tflite")
         with open(model, "wb") as file:
             file.write(content)
-        given = os.path.join(folder, "inputs.npy")
-        np.save(given, np.asarray(inputs))
+        given = os.path.join(folder, "inputs.npz")
+        if isinstance(inputs, dict):
+            arrays: dict[str, Any] = {
+                f"input:{k}": np.asarray(v) for k, v in inputs.items()
+            }
+            np.savez(given, **arrays)
+        else:
+            np.savez(given, single=np.asarray(inputs))
         outputs = os.path.join(folder, "outputs.npy")
         try:
             done = subprocess.run(
@@ -218,9 +251,15 @@ def main(arguments: list[str]) -> None:
     model, given, resolver, outputs = arguments
     with open(model, "rb") as file:
         content = file.read()
-    inputs = np.load(given)
+    with np.load(given) as data:
+        if "single" in data.files:
+            inputs: Any = data["single"]
+            rows = len(inputs)
+        else:
+            inputs = {k.removeprefix("input:"): data[k] for k in data.files}
+            rows = len(next(iter(inputs.values())))
     try:
-        result = run(load(content, resolver, len(inputs)), inputs)
+        result = run(load(content, resolver, rows), inputs)
     except (RuntimeError, ValueError) as error:
         with open(outputs + ".error", "w") as file:
             file.write(str(error).strip())

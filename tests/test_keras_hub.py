@@ -1,7 +1,8 @@
 """keras-hub models through the whole pipeline, one of each kind: an
-encoder (BERT), a decoder with grouped-query attention (Llama), an
-encoder-decoder (BART), a mixture of experts (Mixtral), a task model
-(GPT2CausalLM) and a bare backbone. Each is made prunable, pruned in `fit`,
+encoder (BERT), decoders with grouped-query attention (Llama, Gemma), an
+encoder-decoder (BART), a mixture of experts (Mixtral), task models
+(GPT2CausalLM, ViTImageClassifier), a bare backbone and a convolutional one
+(ResNet). Each is made prunable, pruned in `fit`,
 saved and loaded with its masks, exported and stripped with its outputs
 kept. keras-hub is a test dependency; tiny configurations, random weights."""
 
@@ -80,6 +81,36 @@ def gpt2_backbone():
     ), tokens()  # fmt: skip
 
 
+def gemma():
+    backbone = models.GemmaBackbone(
+        vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8,
+    )  # fmt: skip
+    return with_head(backbone), tokens()
+
+
+def vit():
+    backbone = models.ViTBackbone(
+        image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2,
+        hidden_dim=16, mlp_dim=32,
+    )  # fmt: skip
+    x = np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32")
+    return models.ViTImageClassifier(backbone, num_classes=2, preprocessor=None), x
+
+
+def resnet():
+    backbone = models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 16], stackwise_num_blocks=[1, 1],
+        stackwise_num_strides=[1, 2], block_type="basic_block",
+        image_shape=(16, 16, 3),
+    )  # fmt: skip
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    return model, np.random.default_rng(0).random((4, 16, 16, 3)).astype("float32")
+
+
 def with_head(backbone, output=None):
     """The backbone under a small classification head, as a user adds one."""
     x = backbone(backbone.input)
@@ -97,6 +128,9 @@ KINDS = {
     "mixture of experts Mixtral": mixtral,
     "task GPT2CausalLM": gpt2_causal_lm,
     "bare backbone GPT2": gpt2_backbone,
+    "decoder Gemma": gemma,
+    "vision ViTImageClassifier": vit,
+    "convnet ResNetBackbone": resnet,
 }
 
 
@@ -219,3 +253,51 @@ def test_frozen_backbone_is_left_unpruned_and_named():
     frozen = [e for e in report.left if e.reason.startswith("frozen")]
     # token and position embeddings, 4 attention and 2 feed-forward kernels
     assert len(frozen) == 8
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="LiteRT export needs TensorFlow")
+def test_keras_hub_models_export_to_litert(tmp_path):
+    # BERT under a head: three inputs by name, its Dense kernels stored sparse.
+    _, masked, x = pruned_model(bert)
+    for layer in kp.masked_layers(masked):
+        key = next(iter(layer.masks))
+        mask = np.zeros(tuple(layer.masks[key].shape))
+        mask.flat[::10] = 1
+        layer.prune_to({key: mask})
+    report = kp.export_litert(masked, tmp_path / "bert.tflite", sample=x, compare=False)
+    assert report.max_error < 1e-5
+    assert sum(w.storage != "dense" for w in report.weights) >= 10
+    # GPT2CausalLM: the converter's sparsity pass fails on the sparse
+    # embedding tied to the output projection; the file is dense, said so.
+    _, masked, x = pruned_model(gpt2_causal_lm)
+    layer = masked.backbone.token_embedding
+    layer.prune_to({"embeddings": np.eye(VOCAB, 16)})
+    with pytest.warns(UserWarning, match="stores every weight dense"):
+        report = kp.export_litert(
+            masked, tmp_path / "lm.tflite", sample=x, compare=False
+        )
+    assert report.max_error < 1e-5
+
+
+def test_stripped_backbone_round_trips_through_a_keras_hub_preset(tmp_path):
+    # How keras-hub users share models: save_to_preset, then from_preset.
+    _, masked, x = pruned_model(gpt2_backbone)
+    for layer in kp.masked_layers(masked):
+        key = next(iter(layer.masks))
+        mask = np.zeros(tuple(layer.masks[key].shape))
+        mask.flat[::3] = 1
+        layer.prune_to({key: mask})
+    stripped = kp.strip_pruning(masked)
+    assert type(stripped) is models.GPT2Backbone
+    stripped.save_to_preset(str(tmp_path / "preset"))
+    shared = models.Backbone.from_preset(str(tmp_path / "preset"))
+    assert type(shared) is models.GPT2Backbone
+
+    def zeros(model):
+        return sum(int(np.sum(to_numpy(w) == 0)) for w in model.weights)
+
+    assert zeros(shared) == zeros(stripped) > 0.6 * sum(
+        int(np.prod(w.shape)) for layer in kp.masked_layers(masked)
+        for w in layer.prunable_weights.values()
+    )  # fmt: skip
+    np.testing.assert_array_equal(outputs(shared, x), outputs(masked, x))
