@@ -357,8 +357,8 @@ def make_prunable(
         )
     if verbose and lines:
         warnings.warn(
-            f"make_prunable left {len(left) + len(frozen)} layer(s) with weights "
-            "unmasked:\n" + "\n".join(lines),
+            f"make_prunable left {len(left) + len(frozen)} layer(s) with "
+            f"{'' if frozen else 'trainable '}weights unmasked:\n" + "\n".join(lines),
             stacklevel=2,
         )
     return target

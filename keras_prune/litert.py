@@ -493,6 +493,9 @@ def _sample(model: keras.Model, sample: Any) -> Any:
         given = {}
     elif isinstance(sample, dict):
         given = dict(sample)
+        inputs = model.input  # several inputs: the model has been called
+        if isinstance(inputs, dict) and sorted(given) == sorted(inputs):
+            given = {inputs[key].name: value for key, value in given.items()}
     elif isinstance(sample, list | tuple) and len(sample) == len(tensors):
         given = {t.name: value for t, value in zip(tensors, sample, strict=True)}
     else:
@@ -660,7 +663,11 @@ def export_litert(
             f"a model with {len(model.outputs)} outputs"
         )
     sample = _sample(model, sample)
-    expected = ops.convert_to_numpy(model(sample, training=False))
+    if isinstance(sample, dict):  # the model's own structure of inputs
+        structured = keras.tree.map_structure(lambda t: sample[t.name], model.input)
+    else:
+        structured = sample
+    expected = ops.convert_to_numpy(model(structured, training=False))
     if not np.all(np.isfinite(expected)):
         raise ValueError(
             "Expected the model's outputs on `sample` to be finite, to check the "

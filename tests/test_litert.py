@@ -211,11 +211,22 @@ def test_bad_arguments_are_named(tmp_path, kwargs, message):
         kp.export_litert(small_model(), **arguments)
 
 
-def test_models_with_several_inputs_are_refused(tmp_path):
-    a, b = keras.Input((4,)), keras.Input((4,))
+def test_models_with_several_inputs_export_and_check_by_name(tmp_path):
+    a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
     model = keras.Model([a, b], L.Dense(2)(L.Concatenate()([a, b])))
-    with pytest.raises(ValueError, match="one input and one output.*2 inputs"):
-        kp.export_litert(model, tmp_path / "two.tflite")
+    x = [np.ones((2, 4), "float32"), np.arange(6, dtype="float32").reshape(2, 3)]
+    for sample in (x, {"b": x[1], "a": x[0]}, None):
+        report = kp.export_litert(model, tmp_path / "two.tflite", sample=sample,
+                                  compare=False)  # fmt: skip
+        assert report.max_error < 1e-6
+    with pytest.raises(ValueError, match=r"^Expected `sample\['b'\]` to be a batch"):
+        kp.export_litert(model, tmp_path / "two.tflite", sample={**{"a": x[0]},
+                         "b": x[0]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"hold the model's inputs \['a', 'b'\]"):
+        kp.export_litert(model, tmp_path / "two.tflite", sample={"a": x[0]})
+    two = keras.Model(a, [L.Dense(2)(a), L.Dense(1)(a)])
+    with pytest.raises(ValueError, match="one output. Received: a model with 2"):
+        kp.export_litert(two, tmp_path / "outputs.tflite")
 
 
 def test_masks_in_blocks_of_four_inputs_run_as_blocks(tmp_path):
@@ -269,7 +280,9 @@ def test_subclassed_and_multi_output_models_are_refused_clearly(tmp_path):
         kp.export_litert(sub, tmp_path / "sub.tflite", sample=np.ones((2, 4)))
     inputs = keras.Input((4,))
     two = keras.Model(inputs, [L.Dense(2)(inputs), L.Dense(3)(inputs)])
-    with pytest.raises(ValueError, match="one input and one output.*2 outputs"):
+    with pytest.raises(
+        ValueError, match="with one output. Received: a model with 2 outputs"
+    ):
         kp.export_litert(two, tmp_path / "two.tflite")
 
 
