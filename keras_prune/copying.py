@@ -224,6 +224,7 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
                 "`get_config()` that rebuilds it, or convert the model in "
                 "place with `inplace=True` (it is then changed)."
             ) from error
+    _copy_trainable(model, clone)
     if (
         compile
         and model.compiled
@@ -232,6 +233,23 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
         with keras.saving.custom_object_scope(objects.by_name):
             clone.compile_from_config(model.get_compile_config())
     return clone
+
+
+def _copy_trainable(model: keras.Model, clone: keras.Model) -> None:
+    """Gives every layer of `clone` its counterpart's `trainable`: a model
+    rebuilt from constructor arguments (a keras-hub backbone) makes its
+    layers anew, trainable, whatever the user froze (on PyTorch even the
+    backbone's own flag does not reach them). Layers are matched by path;
+    parents come before their sublayers in Keras's walk, so each layer ends
+    with its own flag."""
+    flags = {
+        getattr(layer, "path", layer.name): layer.trainable
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+    }
+    for copy in clone._flatten_layers(include_self=True, recursive=True):
+        flag = flags.get(getattr(copy, "path", copy.name))
+        if flag is not None and copy.trainable != flag:
+            copy.trainable = flag
 
 
 def clone_layer(layer: keras.layers.Layer, objects: LiveObjects) -> Any:
