@@ -100,12 +100,20 @@ def _finite(layer: Any, key: str, variable: Any) -> np.ndarray:
 
 
 def _frozen(layer: Any) -> bool:
-    """Whether none of a masked layer's prunable weights is trainable."""
-    return not any(v.trainable for v in layer.prunable_weights.values())
+    """Whether a masked layer is frozen (`trainable = False`, set on it or on
+    a model or layer above it). Its variables' own flags are not the test:
+    LoRA freezes the kernel of a layer that trains."""
+    return not layer.trainable
 
 
 #: Callbacks whose `on_train_end` changes no weight: no need to wait for them.
-_HARMLESS = (keras.callbacks.History, keras.callbacks.ProgbarLogger)
+_HARMLESS = (
+    keras.callbacks.History,
+    keras.callbacks.ProgbarLogger,
+    keras.callbacks.CSVLogger,
+    keras.callbacks.TensorBoard,
+    keras.callbacks.TerminateOnNaN,
+)
 
 
 class _LastWord(keras.callbacks.Callback):
@@ -952,6 +960,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
         by set of coupled layers (`_set_key`) or globally (`None`)."""
         graph = self._channels
         assert graph is not None
+        frozen = set()
+        if not self.prune_frozen:  # a set with a frozen layer keeps its units
+            for layer in masked_layers(self.model):
+                if _frozen(layer):
+                    frozen.update({layer.name, getattr(layer, "path", layer.name)})
         due = [
             (
                 names,
@@ -959,8 +972,11 @@ class IterativePruningCallback(keras.callbacks.Callback):
                 targets[None if self.scope == "global" else _set_key(names)],
             )
             for names, groups in self._unit_sets
-            if self.scope == "global" or _set_key(names) in targets
+            if (self.scope == "global" or _set_key(names) in targets)
+            and not frozen.intersection(names)
         ]
+        if not due:  # every set holds a frozen layer
+            return
         sets = [(names, groups) for names, groups, _ in due]
         pruned, thresholds = select_units(
             graph,

@@ -56,15 +56,16 @@ class _Reviver:
         return construct_from_config(self.cls.from_config, self.cls, config)
 
 
-def _lambda_code(function: Any) -> str | None:
+def _lambda_code(function: Any) -> tuple[str, str] | None:
     """The code string under which Keras serializes a lambda (marshalled
-    and base64-encoded, with its defaults and closure), or `None` for a
-    function Keras serializes by name."""
+    and base64-encoded) and the JSON of its code, defaults and closure, or
+    `None` for a function Keras serializes by name."""
     if function.__name__ != "<lambda>":
         return None
     from keras.src.utils.python_utils import func_dump
 
-    return json.dumps(list(func_dump(function)), default=str)
+    parts = list(func_dump(function))
+    return str(parts[0]), json.dumps(parts, default=str)
 
 
 class LiveObjects:
@@ -72,22 +73,27 @@ class LiveObjects:
 
     Attributes:
         by_name: `{name: object}` for a `custom_object_scope`.
-        lambdas: `{code: reference name}`: the lambdas, each by the code
-            Keras writes for it, and the name under which `by_name` holds
-            the live function.
+        lambdas: `{code: {whole: reference name}}`: the lambdas, by the
+            code Keras writes for each, then (where lambdas share their
+            code and differ in defaults or closure) by the JSON of code,
+            defaults and closure; the name under which `by_name` holds the
+            live function.
     """
 
     def __init__(self) -> None:
         self.by_name: dict[str, Any] = {}
-        self.lambdas: dict[str, str] = {}
+        self.lambdas: dict[str, dict[str, str]] = {}
 
     def add(self, value: Any) -> None:
         if callable(value) and getattr(value, "__name__", None) == "<lambda>":
-            code = _lambda_code(value)
-            if code is not None and code not in self.lambdas:
-                name = f"keras_prune_live_lambda_{len(self.lambdas)}"
-                self.lambdas[code] = name
-                self.by_name[name] = value
+            found = _lambda_code(value)
+            if found is not None:
+                code, whole = found
+                same_code = self.lambdas.setdefault(code, {})
+                if whole not in same_code:
+                    name = f"keras_prune_live_lambda_{len(self.by_name)}"
+                    same_code[whole] = name
+                    self.by_name[name] = value
             return
         if _resolved_by_keras(value):
             return
@@ -104,7 +110,7 @@ class LiveObjects:
             return type(config)(self.revive(item) for item in config)
         if not isinstance(config, dict):
             return config
-        code = None
+        parts = None
         if config.get("class_name") == "__lambda__" and isinstance(
             config.get("config"), dict
         ):
@@ -114,11 +120,15 @@ class LiveObjects:
                 inner.get("defaults"),
                 inner.get("closure"),
             ]
-            code = json.dumps(list(parts), default=str)
-        elif set(config) == {"value"} and isinstance(config["value"], list):
-            code = json.dumps(list(config["value"]), default=str)  # activation
-        if code is not None and code in self.lambdas:
-            name = self.lambdas[code]
+        elif set(config) == {"value"} and isinstance(config["value"], list | tuple):
+            parts = config["value"]  # an activation
+        same_code = self.lambdas.get(str(list(parts)[0])) if parts else None
+        name = None
+        if same_code and len(same_code) == 1:
+            name = next(iter(same_code.values()))
+        elif same_code:  # the same code with other defaults or closures
+            name = same_code.get(json.dumps(list(parts or []), default=str))
+        if name is not None:
             return {
                 "module": None,
                 "class_name": "function",
@@ -205,17 +215,18 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
     objects = live_objects(model)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "copy.keras")
-        try:
-            with warnings.catch_warnings():
-                # An unbuilt model copies fine: it is built when it runs.
-                warnings.filterwarnings("ignore", "You are saving a model that has not")
-                warnings.filterwarnings(
-                    "ignore", "The object being serialized includes"
-                )
-                model.save(path)
-            _rewrite_config(path, objects)
-            with keras.saving.custom_object_scope(objects.by_name):
-                clone = keras.saving.load_model(path, compile=False)
+        try:  # one `try`: the copy, then its compilation
+            clone = _load_copy(model, path, objects)
+            _copy_trainable(model, clone)
+            if (
+                compile
+                and model.compiled
+                and getattr(model, "_compile_config", None) is not None
+            ):
+                with keras.saving.custom_object_scope(objects.by_name):
+                    clone.compile_from_config(
+                        objects.revive(model.get_compile_config())
+                    )
         except Exception as error:  # noqa: BLE001 - any failure of the copy
             raise ValueError(
                 f"Could not copy model {model.name!r} of type "
@@ -224,24 +235,36 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
                 "`get_config()` that rebuilds it, or convert the model in "
                 "place with `inplace=True` (it is then changed)."
             ) from error
-    _copy_trainable(model, clone)
-    if (
-        compile
-        and model.compiled
-        and getattr(model, "_compile_config", None) is not None
-    ):
-        with keras.saving.custom_object_scope(objects.by_name):
-            clone.compile_from_config(model.get_compile_config())
     return clone
+
+
+def _load_copy(model: keras.Model, path: str, objects: LiveObjects) -> Any:
+    """`model` saved at `path` and loaded back with its live objects."""
+    with warnings.catch_warnings():
+        # An unbuilt model copies fine: it is built when it runs.
+        warnings.filterwarnings("ignore", "You are saving a model that has not")
+        warnings.filterwarnings("ignore", "The object being serialized includes")
+        model.save(path)
+    _rewrite_config(path, objects)
+    with keras.saving.custom_object_scope(objects.by_name):
+        return keras.saving.load_model(path, compile=False)
 
 
 def _copy_trainable(model: keras.Model, clone: keras.Model) -> None:
     """Gives every layer of `clone` its counterpart's `trainable`: a model
     rebuilt from constructor arguments (a keras-hub backbone) makes its
     layers anew, trainable, whatever the user froze (on PyTorch even the
-    backbone's own flag does not reach them). Layers are matched by path;
-    parents come before their sublayers in Keras's walk, so each layer ends
-    with its own flag."""
+    backbone's own flag does not reach them). Layers are matched by their
+    place in Keras's walk where both walks hold the same classes (the names
+    of a copy's unnamed layers change), else by path; parents come before
+    their sublayers in the walk, so each layer ends with its own flag."""
+    originals = model._flatten_layers(include_self=True, recursive=True)
+    copies = clone._flatten_layers(include_self=True, recursive=True)
+    if [type(a).__name__ for a in originals] == [type(b).__name__ for b in copies]:
+        for original, copy in zip(originals, copies, strict=True):
+            if copy.trainable != original.trainable:
+                copy.trainable = original.trainable
+        return
     flags = {
         getattr(layer, "path", layer.name): layer.trainable
         for layer in model._flatten_layers(include_self=True, recursive=True)

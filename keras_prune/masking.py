@@ -783,22 +783,37 @@ def masked_class(cls: type) -> type:
     return masked
 
 
+#: Libraries whose classes' masked names carry their registered names
+#: (`Maskedkeras_hub_GPT2Backbone`), so that they never take a name a
+#: user's class of the same name (a keras.io `TransformerEncoder`) needs.
+_QUALIFIED = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
+
+
 def _masked_name(cls: type) -> str:
-    """`Masked<Name>`; where another class of that name has its masked
-    class already, `Masked<package>_<Name>` after `cls`'s registered name
-    (two packages' `TransformerDecoder`). A class defined again (a re-run
-    notebook cell) takes over its name."""
-    name = f"Masked{cls.__name__}"
+    """The masked class's name, a function of `cls` alone: `Masked<Name>`
+    for Keras's and the user's classes, `Masked<package>_<Name>` after the
+    registered name for the libraries of `_QUALIFIED`. A class defined again
+    (a re-run notebook cell) takes over its name; another class of the same
+    name is refused."""
+    if cls.__module__.split(".")[0] in _QUALIFIED:
+        name = "Masked" + keras.saving.get_registered_name(cls).replace(">", "_")
+    else:
+        name = f"Masked{cls.__name__}"
     taken = keras.saving.get_registered_object(f"keras_prune>{name}")
     if taken is None:
         return name
-    if (taken.__mro__[2].__module__, taken.__mro__[2].__qualname__) == (
+    original = taken.__mro__[2]
+    if (original.__module__, original.__qualname__) == (
         cls.__module__,
         cls.__qualname__,
     ):
         keras.saving.get_custom_objects().pop(f"keras_prune>{name}")
         return name
-    return "Masked" + keras.saving.get_registered_name(cls).replace(">", "_")
+    raise ValueError(
+        f"Expected one layer class named {cls.__name__!r} to mask. Received: "
+        f"{cls!r}, while {original!r} already uses the name keras_prune>{name}. "
+        "Rename one of them."
+    )
 
 
 def mask_in_place(layer: keras.layers.Layer) -> None:
@@ -1009,7 +1024,9 @@ class MaskedContainer(_Layer):
                 # after their classes, so a block must be the masked class
                 # it was when it was saved.
                 for step in range(1, len(path)):
-                    mask_in_place(_resolve(self, path[:step])[0])
+                    on_the_way = _resolve(self, path[:step])[0]
+                    if not carries_sublayer_configs(on_the_way):
+                        mask_in_place(on_the_way)  # as `make_prunable` did
                 mask_in_place(layer)
             elif done == 0:
                 left.append(path)  # Made by this layer's `build`: wait.

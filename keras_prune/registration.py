@@ -99,11 +99,16 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     """Finds `LIBRARIES` with the other finders and registers their classes
     once they are imported."""
 
+    #: Marks the finder across reloads of this module (a new class each).
+    keras_prune_after_import = True
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in LIBRARIES:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if getattr(finder, "keras_prune_after_import", False) or not hasattr(
+                finder, "find_spec"
+            ):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -117,5 +122,7 @@ def install() -> None:
     """Registers the classes of what is imported now, and of `LIBRARIES`
     once imported (called when keras_prune is imported)."""
     register_layer_classes()
-    if not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+    if not any(
+        getattr(finder, "keras_prune_after_import", False) for finder in sys.meta_path
+    ):
         sys.meta_path.insert(0, _AfterImport())

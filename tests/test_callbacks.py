@@ -580,6 +580,19 @@ def test_frozen_masked_layers_are_left_alone_unless_asked():
         IterativePruningCallback(0.5, prune_frozen="yes")
 
 
+def test_frozen_layers_keep_their_units_in_global_unit_pruning():
+    model = small_model()
+    x, y = data()
+    model.get_layer("fc1").trainable = False
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    callback = IterativePruningCallback(
+        0.5, schedule="constant", granularity="unit", scope="global"
+    )
+    with pytest.warns(UserWarning, match="frozen layer"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    assert model.get_layer("fc1").sparsity == 0
+
+
 def test_cut_zeroes_the_optimizer_state_of_pruned_weights():
     model = small_model()
     x, y = data()

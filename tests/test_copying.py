@@ -152,3 +152,86 @@ def test_a_model_that_cannot_be_copied_is_named_and_inplace_offered():
     assert "inplace=True" in message
     masked = kp.make_prunable(model, inplace=True, verbose=False)
     assert masked is model and len(kp.masked_layers(model)) == 1
+
+
+def test_a_copy_keeps_what_the_user_froze():
+    model = guide_model()
+    model.hidden.trainable = False
+    masked = kp.make_prunable(model, verbose=False)
+    assert [layer.name for layer in kp.masked_layers(masked)] == [masked.out.name]
+    assert not masked.hidden.trainable and masked.out.trainable
+
+
+def test_lambdas_with_the_same_code_keep_their_own_closures():
+    def scaled(factor):
+        return lambda t: t * factor
+
+    helper = abs  # a closure holding a function, not JSON
+
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            L.Dense(4, activation=scaled(2.0)),
+            L.Dense(4, activation=scaled(-3.0)),
+            L.Dense(2, activation=lambda t: helper(t)),
+        ]
+    )
+    model.compile("adam", loss=lambda y, p: keras.ops.mean((y - p) ** 2))
+    x = x4()
+    copy = copy_model(model)
+    np.testing.assert_array_equal(to_numpy(copy(x)), to_numpy(model(x)))
+    for original, copied in zip(model.layers, copy.layers, strict=True):
+        assert copied.activation is original.activation
+    copy.fit(x, np.zeros((5, 2)), verbose=0)  # compiled with the live loss
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Tower(keras.Model):
+    """A Functional subclass rebuilt from its constructor's arguments (as a
+    keras-hub backbone is), with a Sequential inside."""
+
+    def __init__(self, width=4, **kwargs):
+        inputs = keras.Input((3,))
+        x = L.Dense(width, name="first")(inputs)
+        x = keras.Sequential([L.Dense(width, name="inner")], name="stack")(x)
+        super().__init__(inputs, x, **kwargs)
+        self.width = width
+
+    def get_config(self):
+        return {"width": self.width, "name": self.name, "trainable": self.trainable}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def test_model_rebuilt_from_arguments_with_a_sequential_inside_loads(tmp_path):
+    masked = kp.make_prunable(Tower(), verbose=False)
+    for layer in kp.masked_layers(masked):
+        layer.prune_to({"kernel": np.eye(*layer.masks["kernel"].shape)})
+    masked.save(tmp_path / "tower.keras")
+    loaded = keras.models.load_model(tmp_path / "tower.keras")
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    np.testing.assert_array_equal(to_numpy(loaded(x)), to_numpy(masked(x)))
+    assert sorted(layer.name for layer in kp.masked_layers(loaded)) == [
+        "first",
+        "inner",
+    ]
+
+
+def test_a_users_class_never_takes_a_libraries_masked_name():
+    from keras_prune.masking import masked_class
+
+    class TransformerEncoder(L.Layer):  # the keras.io name keras-hub has too
+        def get_prunable_weights(self):
+            return []
+
+    assert masked_class(TransformerEncoder).__name__ == "MaskedTransformerEncoder"
+
+    class Other(L.Layer):
+        pass
+
+    Other.__name__ = Other.__qualname__ = "TransformerEncoder"
+    Other.__module__ = "elsewhere"
+    with pytest.raises(ValueError, match="one layer class named 'TransformerEncoder'"):
+        masked_class(Other)
