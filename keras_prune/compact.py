@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_prune import storage
-from keras_prune.masking import PRUNABLE_WEIGHTS
+from keras_prune.masking import PRUNABLE_WEIGHTS, library_name
 
 if TYPE_CHECKING:
     from keras.layers import Layer as _Layer
@@ -141,7 +141,11 @@ def compact_class(cls: type) -> type:
     if cls not in _COMPACT_CLASSES:
         # A class registered as "package>Name" gets "Compactpackage_Name",
         # so that same-named classes of two packages stay apart.
-        name = "Compact" + keras.saving.get_registered_name(cls).replace(">", "_")
+        # A library's class its `library_name` (registered or not).
+        qualified = library_name(cls)
+        name = "Compact" + (
+            qualified or keras.saving.get_registered_name(cls).replace(">", "_")
+        )
         taken = keras.saving.get_registered_object(f"keras_prune>{name}")
         if taken is not None and _same_definition(taken.__mro__[2], cls):
             # The class was defined again (a re-run notebook cell): replace it.

@@ -789,16 +789,27 @@ def masked_class(cls: type) -> type:
 _QUALIFIED = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
 
 
+def library_name(cls: type) -> str | None:
+    """For a class of a library of `_QUALIFIED`, a name that no other class
+    has: its registered name (`keras_hub_GPT2Backbone`), or for a class the
+    library does not register (Gemma3's own `RMSNormalization`) its module
+    and name; `None` for every other class."""
+    if cls.__module__.split(".")[0] not in _QUALIFIED:
+        return None
+    registered = keras.saving.get_registered_name(cls)
+    if ">" not in registered:
+        registered = f"{cls.__module__}.{cls.__qualname__}"
+    return registered.replace(">", "_").replace(".", "_")
+
+
 def _masked_name(cls: type) -> str:
     """The masked class's name, a function of `cls` alone: `Masked<Name>`
     for Keras's and the user's classes, `Masked<package>_<Name>` after the
     registered name for the libraries of `_QUALIFIED`. A class defined again
     (a re-run notebook cell) takes over its name; another class of the same
     name is refused."""
-    if cls.__module__.split(".")[0] in _QUALIFIED:
-        name = "Masked" + keras.saving.get_registered_name(cls).replace(">", "_")
-    else:
-        name = f"Masked{cls.__name__}"
+    qualified = library_name(cls)
+    name = f"Masked{qualified or cls.__name__}"
     taken = keras.saving.get_registered_object(f"keras_prune>{name}")
     if taken is None:
         return name

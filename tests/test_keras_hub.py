@@ -89,6 +89,17 @@ def gemma():
     return with_head(backbone), tokens()
 
 
+def gemma3():
+    # Its own RMSNormalization, not the one Gemma has: two library classes of
+    # one name, which must not take each other's masked or compact class.
+    backbone = models.Gemma3Backbone(
+        vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8,
+        image_size=16, vision_encoder=None,
+    )  # fmt: skip
+    return with_head(backbone), tokens()
+
+
 def vit():
     backbone = models.ViTBackbone(
         image_shape=(16, 16, 3), patch_size=8, num_layers=1, num_heads=2,
@@ -129,6 +140,7 @@ KINDS = {
     "task GPT2CausalLM": gpt2_causal_lm,
     "bare backbone GPT2": gpt2_backbone,
     "decoder Gemma": gemma,
+    "decoder Gemma3 after Gemma": gemma3,
     "vision ViTImageClassifier": vit,
     "convnet ResNetBackbone": resnet,
 }
