@@ -48,7 +48,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_prune.masking import carries_sublayer_configs, is_graph_model
+from keras_prune.masking import is_graph_model, is_plain_graph_model
 
 _L = keras.layers
 
@@ -353,7 +353,7 @@ class ChannelGraph:
         inputs = [self._ids_of(t) for t in node.input_tensors]
         # A nested model rebuilt from its constructor's arguments (a
         # keras-hub backbone) is copied whole by `shrink`: not walked.
-        nested = is_graph_model(layer) and carries_sublayer_configs(layer)
+        nested = is_plain_graph_model(layer)
         if nested and self._nested(layer, node, inputs):
             return
         reason = _unsupported(layer, node)

@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from keras_prune import storage
-from keras_prune.masking import PRUNABLE_WEIGHTS, library_name
+from keras_prune.masking import PRUNABLE_WEIGHTS, construct_from_config, library_name
 
 if TYPE_CHECKING:
     from keras.layers import Layer as _Layer
@@ -73,6 +73,12 @@ class CompactStorage(_Layer):
     >>> sorted(store)  # the kernel as its one nonzero, the small bias dense
     ['0.gaps', '0.shape', '0.values', '1']
     """
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Any:
+        # A subclassed model whose constructor takes no arguments reads
+        # back its automatic config (see `construct_from_config`).
+        return construct_from_config(super().from_config, cls, config)
 
     def save_own_variables(self, store: Any) -> None:
         plain: dict[str, Any] = {}

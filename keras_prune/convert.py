@@ -27,7 +27,7 @@ from keras_prune.masking import (  # noqa: F401 - MaskedDense: doctests
     MaskedDense,
     MaskedLayer,
     carries_sublayer_configs,
-    is_graph_model,
+    is_plain_graph_model,
     is_prunable,
     layer_labels,
     mask_in_place,
@@ -181,6 +181,9 @@ def _layer_selector(layers: Any) -> Callable[[keras.layers.Layer], bool]:
 
 
 _FROZEN_REASON = "frozen (trainable=False): pass prune_frozen=True to mask it"
+_UNUSED_REASON = (
+    "not built in a built model: the model never calls it (it has no weights)"
+)
 
 
 def _convert(
@@ -223,6 +226,10 @@ def _convert(
                 entry(layer, kind, "already masked")
             elif is_prunable(layer):
                 reason = _why_not(layer)
+                if reason is None and model.built and not layer.built:
+                    # A layer made but never called (keras-hub's EfficientNet
+                    # makes squeeze-and-excite layers it skips at ratio 0).
+                    reason = _UNUSED_REASON
                 if not apply:
                     frozen = not layer.trainable
                     reason = reason or (_FROZEN_REASON if frozen else "not masked")
@@ -457,7 +464,7 @@ def _clone_functional(
         new_layer = replace(layer)
         if new_layer is not None:
             replaced.append((layer, new_layer))
-        elif is_graph_model(layer) and carries_sublayer_configs(layer):
+        elif is_plain_graph_model(layer):
             new_layer = _clone_functional(layer, replace, fill)
         elif isinstance(layer, keras.Model):
             # A model that its class rebuilds from constructor arguments (a
@@ -621,7 +628,7 @@ def _replaceable(model: Any) -> set[int]:
     such models nested in it (not those of a model rebuilt from its
     constructor's arguments, such as a keras-hub backbone, which is copied
     whole)."""
-    if not (is_graph_model(model) and carries_sublayer_configs(model)):
+    if not is_plain_graph_model(model):
         return set()
     found = set()
     for layer in model.layers:

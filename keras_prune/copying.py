@@ -44,6 +44,18 @@ def _resolved_by_keras(value: Any) -> bool:
     return name is None or keras.saving.get_registered_name(value) != name
 
 
+def _needs_reviver(cls: type) -> bool:
+    """Whether a registered layer class of the user's may hold base
+    arguments in its config that its constructor does not take (one without
+    `**kwargs` that inherits Keras's `get_config`); Keras's own classes and
+    those that take `**kwargs` are left to Keras."""
+    module = cls.__module__ or ""
+    if module == "keras" or module.startswith("keras."):
+        return False
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class _Reviver:
     """Stands for a user's layer or model class in the copy's custom
     objects: its `from_config`, retried without the base arguments that
@@ -95,9 +107,15 @@ class LiveObjects:
                     same_code[whole] = name
                     self.by_name[name] = value
             return
+        is_layer = isinstance(value, type) and issubclass(value, keras.layers.Layer)
         if _resolved_by_keras(value):
+            if is_layer and _needs_reviver(value):
+                # A registered class is looked up by its registered name,
+                # in the scope first.
+                name = keras.saving.get_registered_name(value)
+                self.by_name.setdefault(name, _Reviver(value))
             return
-        if isinstance(value, type) and issubclass(value, keras.layers.Layer):
+        if is_layer:
             self.by_name.setdefault(value.__name__, _Reviver(value))
         else:
             self.by_name.setdefault(value.__name__, value)

@@ -63,9 +63,9 @@ from keras_prune.litert_interpreter import (
     run_isolated,
 )
 from keras_prune.masking import (
-    carries_sublayer_configs,
     find_prunable_weights,
     is_graph_model,
+    is_plain_graph_model,
     is_prunable,
 )
 
@@ -212,7 +212,7 @@ def _stock_model(model: keras.Model) -> keras.Model:
             dense.bias.assign(ops.convert_to_numpy(layer.bias))
         return dense
 
-    if is_graph_model(model) and carries_sublayer_configs(model):
+    if is_plain_graph_model(model):
         return strip_pruning(_clone_functional(model, replace), inplace=True)
     return strip_pruning(model)
 
@@ -347,7 +347,7 @@ def _pruned_weights(model: keras.Model) -> list[tuple[str, int, float]]:
     stock `model` that holds zeros."""
     found = []
     for layer in model._flatten_layers(include_self=False):
-        if not is_prunable(layer):
+        if not is_prunable(layer) or not layer.built:  # unbuilt: never called
             continue
         for weight in find_prunable_weights(layer):
             values = ops.convert_to_numpy(weight)

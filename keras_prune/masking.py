@@ -887,6 +887,13 @@ def carries_sublayer_configs(layer: keras.layers.Layer) -> bool:
     )
 
 
+def is_plain_graph_model(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is a Sequential or Functional model rebuilt from its
+    graph config (not from constructor arguments, as a keras-hub backbone
+    is): one whose layers the converters can replace one by one."""
+    return is_graph_model(layer) and carries_sublayer_configs(layer)
+
+
 def _config_is_graph(cls: Any) -> bool:
     """Whether a graph model class is saved and rebuilt through Keras's
     graph config: Keras's own rule (`Functional.get_config` falls back to

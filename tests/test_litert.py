@@ -306,3 +306,15 @@ def test_predict_checks_its_arguments(tmp_path):
     np.testing.assert_allclose(
         got, model.predict(np.ones((5, 8)), verbose=0), atol=1e-5
     )
+
+
+def test_a_layer_the_model_never_calls_does_not_stop_the_export(tmp_path):
+    from tests.test_copying import skips_one
+
+    masked = kp.make_prunable(skips_one(), verbose=False)
+    masked.get_layer("head").prune_to(np.eye(3, 2))
+    report = kp.export_litert(
+        masked, tmp_path / "skips.tflite", sample=np.ones((1, 4), "float32"),
+        compare=False,
+    )  # fmt: skip
+    assert [w.layer for w in report.weights] == ["head"]
