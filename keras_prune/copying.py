@@ -242,9 +242,7 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
                 and getattr(model, "_compile_config", None) is not None
             ):
                 with keras.saving.custom_object_scope(objects.by_name):
-                    clone.compile_from_config(
-                        objects.revive(model.get_compile_config())
-                    )
+                    _compile_like(clone, objects.revive(model.get_compile_config()))
         except Exception as error:  # noqa: BLE001 - any failure of the copy
             raise ValueError(
                 f"Could not copy model {model.name!r} of type "
@@ -254,6 +252,28 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
                 "place with `inplace=True` (it is then changed)."
             ) from error
     return clone
+
+
+def _compile_like(clone: keras.Model, config: dict[str, Any]) -> None:
+    """Compiles `clone` with the settings of a compile config. Keras's
+    `compile_from_config` skips a class that overrides `compile` (keras-hub's
+    tasks) with a warning; in the user's own process its `compile` gets the
+    settings Keras recorded, and where it does not take them the copy stays
+    uncompiled, with a warning that says so."""
+    if type(clone).compile is keras.Model.compile:
+        clone.compile_from_config(config)
+        return
+    settings = keras.saving.deserialize_keras_object(config)
+    try:
+        clone.compile(**settings)
+    except TypeError as error:
+        warnings.warn(
+            f"The copy of model {clone.name!r} is not compiled: its class "
+            f"{type(clone).__name__} overrides `compile()`, which does not take "
+            f"the settings Keras recorded {_first_lines(error)} Compile it "
+            "yourself.",
+            stacklevel=3,
+        )
 
 
 def _load_copy(model: keras.Model, path: str, objects: LiveObjects) -> Any:

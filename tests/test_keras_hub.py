@@ -315,3 +315,42 @@ def test_stripped_backbone_round_trips_through_a_keras_hub_preset(tmp_path):
         for w in layer.prunable_weights.values()
     )  # fmt: skip
     np.testing.assert_array_equal(outputs(shared, x), outputs(masked, x))
+
+
+def test_a_causal_lm_with_its_tokenizer_prunes_on_text_and_generates_alike(tmp_path):
+    # A task with its preprocessor, trained on raw strings as keras-hub
+    # users do; its tokenizer's files travel in the `.keras` file and preset.
+    vocabulary = {"<|endoftext|>": 0, "a": 1, "b": 2, "Ġ": 3, "ab": 4, "Ġa": 5}
+    tokenizer = models.GPT2Tokenizer(vocabulary=vocabulary, merges=["a b", "Ġ a"])
+    backbone = models.GPT2Backbone(
+        vocabulary_size=len(vocabulary), num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=LENGTH,
+    )  # fmt: skip
+    preprocessor = models.GPT2CausalLMPreprocessor(tokenizer, sequence_length=LENGTH)
+    stock = models.GPT2CausalLM(backbone, preprocessor=preprocessor)
+    stock.compile(keras.optimizers.Adam(1e-3), sampler="greedy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the copy is compiled
+        masked = kp.make_prunable(stock, verbose=False)
+    assert type(masked.preprocessor) is models.GPT2CausalLMPreprocessor
+    assert masked.compiled and type(masked.optimizer) is keras.optimizers.Adam
+    texts = ["a b ab", "b a", "ab ab a", "a"] * 2
+    masked.fit(
+        texts, epochs=2, batch_size=2, verbose=0,
+        callbacks=[kp.IterativePruningCallback(final_sparsity=0.5)],
+    )  # fmt: skip
+    assert kp.sparsity_summary(masked).sparsity == pytest.approx(0.5, abs=0.01)
+
+    def generated(model):
+        model.compile(sampler="greedy")  # the same sampler everywhere
+        return model.generate(["a b"], max_length=LENGTH)
+
+    expected = generated(masked)
+    masked.save(tmp_path / "lm.keras")
+    assert generated(keras.models.load_model(tmp_path / "lm.keras")) == expected
+    stripped = kp.strip_pruning(masked)
+    assert generated(stripped) == expected
+    stripped.save_to_preset(str(tmp_path / "preset"))
+    assert generated(models.CausalLM.from_preset(str(tmp_path / "preset"))) == expected
+    if BACKEND == "tensorflow":  # export_sparse is TensorFlow code
+        assert generated(kp.export_sparse(masked)) == expected
