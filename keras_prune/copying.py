@@ -52,7 +52,8 @@ def _needs_reviver(cls: type) -> bool:
     module = cls.__module__ or ""
     if module == "keras" or module.startswith("keras."):
         return False
-    parameters = inspect.signature(cls.__init__).parameters.values()
+    constructor = getattr(cls, "__init__")  # noqa: B009 - the class's own
+    parameters = inspect.signature(constructor).parameters.values()
     return not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
