@@ -345,13 +345,25 @@ def make_prunable(
     report = _convert(target, selected, prune_frozen=prune_frozen)
     _reset_compiled_functions(target)
     frozen = [e for e in report.left if e.reason == _FROZEN_REASON]
+    unused = [e for e in report.left if e.reason == _UNUSED_REASON]
     left = [
         e
         for e in report.left
         if e.reason
-        not in ("not selected by `layers`", _NORMALIZATION_REASON, _FROZEN_REASON)
+        not in (
+            "not selected by `layers`",
+            _NORMALIZATION_REASON,
+            _FROZEN_REASON,
+            _UNUSED_REASON,
+        )
     ]
     lines = [f"  {e.name} ({e.kind}, {e.weights:,} weights): {e.reason}" for e in left]
+    if unused:
+        lines.append(
+            f"  {len(unused)} layer(s) the model never calls (not built while "
+            "the model is, so without weights): "
+            + ", ".join(f"{e.name} ({e.kind})" for e in unused)
+        )
     if frozen:
         names = [e.name for e in frozen]
         shown = ", ".join(names[:8]) + (
@@ -363,9 +375,12 @@ def make_prunable(
             "them; conversion_report(model) lists them all."
         )
     if verbose and lines:
+        kind = (
+            "" if unused else "with weights " if frozen else "with trainable weights "
+        )
         warnings.warn(
-            f"make_prunable left {len(left) + len(frozen)} layer(s) with "
-            f"{'' if frozen else 'trainable '}weights unmasked:\n" + "\n".join(lines),
+            f"make_prunable left {len(left) + len(frozen) + len(unused)} layer(s) "
+            f"{kind}unmasked:\n" + "\n".join(lines),
             stacklevel=2,
         )
     return target
@@ -477,7 +492,7 @@ def _clone_functional(
 
     with keras.saving.custom_object_scope(objects.by_name):
         clone = keras.models.clone_model(
-            model, clone_function=clone_function, recursive=False
+            _uncompiled_view(model), clone_function=clone_function, recursive=False
         )
         for old, new in pairs:  # operations of keras.ops have no weights
             if getattr(old, "built", False) and old.weights:
@@ -485,11 +500,22 @@ def _clone_functional(
         if fill is not None:
             for old, new in replaced:
                 fill(old, new)
-        if not clone.compiled:
-            return clone
-        plain = clone_layer(clone, objects)
-    plain.set_weights([np.array(w) for w in clone.get_weights()])
-    return plain
+    return clone
+
+
+def _uncompiled_view(model: keras.Model) -> keras.Model:
+    """`model` as `keras.models.clone_model` should see it: the same layers
+    and graph, not compiled. `clone_model` compiles its clone from the
+    model's serialized compile config, which Keras refuses to read where it
+    holds a lambda loss, and the converters want the clone uncompiled
+    anyway. A second object over the same attributes: `model` is not
+    changed."""
+    if not model.compiled:
+        return model
+    view = object.__new__(type(model))
+    vars(view).update(vars(model))
+    vars(view)["compiled"] = False
+    return view
 
 
 EXPORT_COMPUTE = ("auto", "tensorflow", "dense", "native", "coo", "csr")

@@ -32,6 +32,10 @@ import keras
 
 from keras_prune.masking import construct_from_config
 
+# Keras warns when it serializes a lambda, for a file to be loaded later;
+# a copy holds the live function instead (`LiveObjects.revive`).
+_LAMBDA_WARNING = "The object being serialized includes a `lambda`"
+
 
 def _resolved_by_keras(value: Any) -> bool:
     """Whether Keras finds `value` from its config without help: one of
@@ -243,7 +247,10 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
                 and getattr(model, "_compile_config", None) is not None
             ):
                 with keras.saving.custom_object_scope(objects.by_name):
-                    _compile_like(clone, objects.revive(model.get_compile_config()))
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", _LAMBDA_WARNING)
+                        config = model.get_compile_config()
+                    _compile_like(model, clone, objects.revive(config))
         except Exception as error:  # noqa: BLE001 - any failure of the copy
             raise ValueError(
                 f"Could not copy model {model.name!r} of type "
@@ -255,25 +262,66 @@ def copy_model(model: keras.Model, compile: bool = True) -> keras.Model:
     return clone
 
 
-def _compile_like(clone: keras.Model, config: dict[str, Any]) -> None:
-    """Compiles `clone` with the settings of a compile config. Keras's
-    `compile_from_config` skips a class that overrides `compile` (keras-hub's
-    tasks) with a warning; in the user's own process its `compile` gets the
-    settings Keras recorded, and where it does not take them the copy stays
-    uncompiled, with a warning that says so."""
-    if type(clone).compile is keras.Model.compile:
-        clone.compile_from_config(config)
-        return
+def _compile_like(
+    model: keras.Model, clone: keras.Model, config: dict[str, Any]
+) -> None:
+    """Compiles `clone` like `model`, from `model`'s compile config, with a
+    fresh optimizer (not built: it builds on the first step).
+
+    Unlike Keras's `compile_from_config`, this also compiles a class that
+    overrides `compile` (keras-hub's tasks, which then get their sampler too,
+    which Keras does not record); where such a `compile` takes arguments of
+    its own, Keras's own `compile` takes the recorded settings, with a
+    warning. The optimizer's `exclude_from_weight_decay` by name, which
+    Keras's optimizer config leaves out, is repeated on the fresh one."""
     settings = keras.saving.deserialize_keras_object(config)
-    try:
+    sampler = getattr(model, "sampler", None)
+    if sampler is not None and hasattr(sampler, "get_config"):
+        # A fresh one: a sampler may hold a random seed's state.
+        settings.setdefault("sampler", type(sampler).from_config(sampler.get_config()))
+    if type(clone).compile is keras.Model.compile:
+        settings.pop("sampler", None)
         clone.compile(**settings)
-    except TypeError as error:
+    else:
+        try:
+            clone.compile(**settings)
+        except TypeError:
+            # Its own arguments (a learning rate, say): Keras recorded what
+            # they came to, which Keras's own `compile` takes.
+            settings.pop("sampler", None)
+            keras.Model.compile(clone, **settings)
+            warnings.warn(
+                f"The copy of model {clone.name!r} is compiled with the "
+                "settings Keras recorded for the original (optimizer, loss, "
+                "metrics) through `keras.Model.compile`: its class "
+                f"{type(clone).__name__} overrides `compile()` with arguments "
+                "of its own, so what that method does beyond them is not "
+                "repeated. Compile the copy yourself if it matters.",
+                stacklevel=3,
+            )
+    _carry_weight_decay_exclusions(model, clone)
+
+
+def _carry_weight_decay_exclusions(model: keras.Model, clone: keras.Model) -> None:
+    """Repeats `model.optimizer.exclude_from_weight_decay(var_names=...)` on
+    the copy's optimizer; an exclusion by variable, which names no variable
+    of the copy, is said."""
+    original = getattr(model, "optimizer", None)
+    fresh = getattr(clone, "optimizer", None)
+    if original is None or fresh is None:
+        return
+    pattern = getattr(original, "_exclude_from_weight_decay_pattern", None)
+    if pattern is not None:
+        # One "name" holding the whole pattern compiles to the same regex.
+        fresh.exclude_from_weight_decay(var_names=[pattern.pattern])
+    if getattr(original, "_exclude_from_weight_decay", None):
         warnings.warn(
-            f"The copy of model {clone.name!r} is not compiled: its class "
-            f"{type(clone).__name__} overrides `compile()`, which does not take "
-            f"the settings Keras recorded {_first_lines(error)} Compile it "
-            "yourself.",
-            stacklevel=3,
+            f"The copy of model {model.name!r} has a fresh optimizer, which "
+            "does not exclude from weight decay the variables the original's "
+            "`exclude_from_weight_decay(var_list=...)` named (variables of "
+            "the original). Call `exclude_from_weight_decay` on the copy's "
+            "optimizer before training it.",
+            stacklevel=4,
         )
 
 
@@ -282,10 +330,12 @@ def _load_copy(model: keras.Model, path: str, objects: LiveObjects) -> Any:
     with warnings.catch_warnings():
         # An unbuilt model copies fine: it is built when it runs.
         warnings.filterwarnings("ignore", "You are saving a model that has not")
-        warnings.filterwarnings("ignore", "The object being serialized includes")
+        warnings.filterwarnings("ignore", _LAMBDA_WARNING)
         model.save(path)
     _rewrite_config(path, objects)
-    with keras.saving.custom_object_scope(objects.by_name):
+    with keras.saving.custom_object_scope(objects.by_name), warnings.catch_warnings():
+        # The copy gets a fresh optimizer: the saved one's state is not read.
+        warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
         return keras.saving.load_model(path, compile=False)
 
 
@@ -317,7 +367,9 @@ def _copy_trainable(model: keras.Model, clone: keras.Model) -> None:
 def clone_layer(layer: keras.layers.Layer, objects: LiveObjects) -> Any:
     """A new layer from `layer`'s config (not built, no weights), reading
     back the live objects that `objects` holds (lambdas included)."""
-    config = objects.revive(layer.get_config())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _LAMBDA_WARNING)
+        config = objects.revive(layer.get_config())
     with keras.saving.custom_object_scope(objects.by_name):
         return construct_from_config(layer.__class__.from_config, type(layer), config)
 

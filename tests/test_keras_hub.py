@@ -334,6 +334,9 @@ def test_a_causal_lm_with_its_tokenizer_prunes_on_text_and_generates_alike(tmp_p
         masked = kp.make_prunable(stock, verbose=False)
     assert type(masked.preprocessor) is models.GPT2CausalLMPreprocessor
     assert masked.compiled and isinstance(masked.optimizer, keras.optimizers.Adam)
+    assert (
+        type(masked.sampler) is type(stock.sampler) is keras_hub.samplers.GreedySampler
+    )
     texts = ["a b ab", "b a", "ab ab a", "a"] * 2
     masked.fit(
         texts, epochs=2, batch_size=2, verbose=0,
