@@ -35,6 +35,8 @@ from keras_prune.masking import construct_from_config
 # Keras warns when it serializes a lambda, for a file to be loaded later;
 # a copy holds the live function instead (`LiveObjects.revive`).
 _LAMBDA_WARNING = "The object being serialized includes a `lambda`"
+# The names under which a copy's custom objects hold the live lambdas.
+_LIVE_LAMBDA = "keras_prune_live_lambda_"
 
 
 def _resolved_by_keras(value: Any) -> bool:
@@ -108,7 +110,7 @@ class LiveObjects:
                 code, whole = found
                 same_code = self.lambdas.setdefault(code, {})
                 if whole not in same_code:
-                    name = f"keras_prune_live_lambda_{len(self.by_name)}"
+                    name = f"{_LIVE_LAMBDA}{len(self.by_name)}"
                     same_code[whole] = name
                     self.by_name[name] = value
             return
@@ -129,8 +131,20 @@ class LiveObjects:
         """`config` with every lambda that Keras wrote as code replaced by
         a reference to the live function (a new object; `config` is not
         changed)."""
+        # Marshalled code is not stable: `marshal` flags an object held
+        # elsewhere too (a constant that JAX's tracing keeps) differently, so
+        # the code Keras wrote a moment ago may differ from the one seen when
+        # the lambda was added. Each lambda's code now is matched as well.
+        for name, function in list(self.by_name.items()):
+            if name.startswith(_LIVE_LAMBDA):
+                found = _lambda_code(function)
+                if found is not None:
+                    self.lambdas.setdefault(found[0], {}).setdefault(found[1], name)
+        return self._revive(config)
+
+    def _revive(self, config: Any) -> Any:
         if isinstance(config, list | tuple):
-            return type(config)(self.revive(item) for item in config)
+            return type(config)(self._revive(item) for item in config)
         if not isinstance(config, dict):
             return config
         parts = None
@@ -158,7 +172,7 @@ class LiveObjects:
                 "config": name,
                 "registered_name": "function",
             }
-        return {key: self.revive(value) for key, value in config.items()}
+        return {key: self._revive(value) for key, value in config.items()}
 
 
 def live_objects(model: keras.layers.Layer) -> LiveObjects:
