@@ -368,11 +368,8 @@ def _copy_trainable(model: keras.Model, clone: keras.Model) -> None:
             if copy.trainable != original.trainable:
                 copy.trainable = original.trainable
         return
-    flags = {
-        getattr(layer, "path", layer.name): layer.trainable
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-    }
-    for copy in clone._flatten_layers(include_self=True, recursive=True):
+    flags = {getattr(layer, "path", layer.name): layer.trainable for layer in originals}
+    for copy in copies:
         flag = flags.get(getattr(copy, "path", copy.name))
         if flag is not None and copy.trainable != flag:
             copy.trainable = flag

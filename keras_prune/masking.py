@@ -783,18 +783,19 @@ def masked_class(cls: type) -> type:
     return masked
 
 
-#: Libraries whose classes' masked names carry their registered names
+#: Libraries whose classes are registered with Keras on import, and whose
+#: classes' masked names carry their registered names
 #: (`Maskedkeras_hub_GPT2Backbone`), so that they never take a name a
 #: user's class of the same name (a keras.io `TransformerEncoder`) needs.
-_QUALIFIED = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
+LIBRARIES = ("keras_hub", "keras_nlp", "keras_cv", "keras_rs")
 
 
 def library_name(cls: type) -> str | None:
-    """For a class of a library of `_QUALIFIED`, a name that no other class
+    """For a class of a library of `LIBRARIES`, a name that no other class
     has: its registered name (`keras_hub_GPT2Backbone`), or for a class the
     library does not register (Gemma3's own `RMSNormalization`) its module
     and name; `None` for every other class."""
-    if cls.__module__.split(".")[0] not in _QUALIFIED:
+    if cls.__module__.split(".")[0] not in LIBRARIES:
         return None
     registered = keras.saving.get_registered_name(cls)
     if ">" not in registered:
@@ -805,7 +806,7 @@ def library_name(cls: type) -> str | None:
 def _masked_name(cls: type) -> str:
     """The masked class's name, a function of `cls` alone: `Masked<Name>`
     for Keras's and the user's classes, `Masked<package>_<Name>` after the
-    registered name for the libraries of `_QUALIFIED`. A class defined again
+    registered name for the libraries of `LIBRARIES`. A class defined again
     (a re-run notebook cell) takes over its name; another class of the same
     name is refused."""
     qualified = library_name(cls)
